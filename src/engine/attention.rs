@@ -1,0 +1,207 @@
+//! Attention kernels of the engine: block-diagonal (per frame) for the vision tower and causal with
+//! a KV offset for the decoder. On the CPU they use candle-nn's flash kernels, which never build the
+//! score matrix; elsewhere a dense path that chunks the queries so memory stays bounded.
+
+use candle_core::{DType, Device, Tensor};
+
+/// Upper bound on the elements of one dense score block (heads × queries × keys).
+const DENSE_SCORE_BUDGET: usize = 1 << 26;
+
+/// Non-causal attention restricted to consecutive blocks of `lens` rows (one block per frame).
+/// `q`, `k`, `v`: `(N, heads, d)` f32; returns `(N, heads, d)`.
+pub fn block_diagonal(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    lens: &[usize],
+    scale: f64,
+) -> candle_core::Result<Tensor> {
+    if q.device().is_cpu() && matches!(q.dtype(), DType::F32 | DType::F16) {
+        let max = lens.iter().copied().max().unwrap_or(0);
+        let seqlens: Vec<u32> = lens.iter().map(|&l| l as u32).collect();
+        let seqlens = Tensor::new(seqlens.as_slice(), &Device::Cpu)?;
+        return candle_nn::attention::flash_attn_varlen_cpu(
+            q,
+            k,
+            v,
+            None,
+            &seqlens,
+            &seqlens,
+            max,
+            max,
+            scale as f32,
+            false,
+            None,
+            None,
+        );
+    }
+    let mut outs = Vec::with_capacity(lens.len());
+    let mut start = 0;
+    for &len in lens {
+        let qs = q.narrow(0, start, len)?;
+        let ks = k.narrow(0, start, len)?;
+        let vs = v.narrow(0, start, len)?;
+        outs.push(dense(&qs, &ks, &vs, scale, None)?);
+        start += len;
+    }
+    Tensor::cat(&outs, 0)
+}
+
+/// Causal attention of `q` `(1, S, heads, d)` over `k`, `v` `(1, T, kv_heads, d)` where the
+/// queries are the last `S` positions of the `T` keys (`T - S` cached before them).
+/// Grouped-query attention is handled by the kernels. Returns `(1, S, heads, d)`.
+pub fn causal(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> candle_core::Result<Tensor> {
+    let (_, s, heads, _) = q.dims4()?;
+    let (_, t, kv_heads, _) = k.dims4()?;
+    let offset = t - s;
+    if q.device().is_cpu() && q.dtype() == DType::F32 {
+        let mask = candle_nn::attention::AttnMask::causal_with_offset(offset);
+        let out = candle_nn::attention::flash_attn::<f32>(q, k, v, scale as f32, mask, None, None)?;
+        // the kernels return (1, heads, S, d)
+        return out.transpose(1, 2)?.contiguous();
+    }
+    let rep = heads / kv_heads;
+    let expand = |x: &Tensor| -> candle_core::Result<Tensor> {
+        let x = x.squeeze(0)?;
+        if rep == 1 {
+            return Ok(x);
+        }
+        let (t, kvh, d) = x.dims3()?;
+        x.unsqueeze(2)?
+            .broadcast_as((t, kvh, rep, d))?
+            .reshape((t, kvh * rep, d))
+    };
+    let (k, v) = (expand(k)?, expand(v)?);
+    let out = dense(&q.squeeze(0)?, &k, &v, scale, Some(offset))?;
+    out.unsqueeze(0)
+}
+
+/// softmax(q·kᵀ·scale)·v with `q` `(S, h, d)`, `k`/`v` `(T, h, d)`; queries chunked to bound the
+/// score memory. With `causal_offset`, query `i` sees keys `0..=i + offset`.
+pub(crate) fn dense(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    causal_offset: Option<usize>,
+) -> candle_core::Result<Tensor> {
+    let (s, heads, _) = q.dims3()?;
+    let t = k.dim(0)?;
+    let dtype = q.dtype();
+    let q = q.transpose(0, 1)?.to_dtype(DType::F32)?.contiguous()?;
+    let kt = k.transpose(0, 1)?.to_dtype(DType::F32)?.t()?.contiguous()?;
+    let v = v.transpose(0, 1)?.to_dtype(DType::F32)?.contiguous()?;
+    let chunk = (DENSE_SCORE_BUDGET / (heads * t.max(1))).clamp(1, s.max(1));
+    let mut outs = Vec::new();
+    let mut start = 0;
+    while start < s {
+        let len = chunk.min(s - start);
+        let qc = q.narrow(1, start, len)?;
+        let mut scores = (qc.matmul(&kt)? * scale)?;
+        if let Some(offset) = causal_offset {
+            let mask: Vec<f32> = (0..len)
+                .flat_map(|i| {
+                    let last = start + i + offset;
+                    (0..t).map(move |j| if j <= last { 0.0 } else { f32::NEG_INFINITY })
+                })
+                .collect();
+            let mask = Tensor::from_vec(mask, (1, len, t), q.device())?;
+            scores = scores.broadcast_add(&mask)?;
+        }
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        outs.push(probs.matmul(&v)?);
+        start += len;
+    }
+    Tensor::cat(&outs, 1)?
+        .transpose(0, 1)?
+        .to_dtype(dtype)?
+        .contiguous()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rand(shape: (usize, usize, usize)) -> Tensor {
+        Tensor::randn(0f32, 1.0, shape, &Device::Cpu).unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    #[test]
+    fn flash_block_diagonal_matches_dense_per_frame() {
+        let (q, k, v) = (rand((13, 2, 8)), rand((13, 2, 8)), rand((13, 2, 8)));
+        let lens = [4, 9];
+        let fast = block_diagonal(&q, &k, &v, &lens, 0.3).unwrap();
+        let a = dense(
+            &q.narrow(0, 0, 4).unwrap(),
+            &k.narrow(0, 0, 4).unwrap(),
+            &v.narrow(0, 0, 4).unwrap(),
+            0.3,
+            None,
+        )
+        .unwrap();
+        let b = dense(
+            &q.narrow(0, 4, 9).unwrap(),
+            &k.narrow(0, 4, 9).unwrap(),
+            &v.narrow(0, 4, 9).unwrap(),
+            0.3,
+            None,
+        )
+        .unwrap();
+        let slow = Tensor::cat(&[a, b], 0).unwrap();
+        assert_eq!(fast.dims(), &[13, 2, 8]);
+        assert!(max_diff(&fast, &slow) < 1e-5);
+    }
+
+    #[test]
+    fn flash_causal_with_offset_and_gqa_matches_dense() {
+        for s in [1usize, 3, 7] {
+            let t = 7;
+            let q = rand((s, 4, 8)).unsqueeze(0).unwrap();
+            let k = rand((t, 2, 8)).unsqueeze(0).unwrap();
+            let v = rand((t, 2, 8)).unsqueeze(0).unwrap();
+            let fast = causal(&q, &k, &v, 0.35).unwrap();
+            let rep = |x: &Tensor| {
+                x.squeeze(0)
+                    .unwrap()
+                    .unsqueeze(2)
+                    .unwrap()
+                    .broadcast_as((t, 2, 2, 8))
+                    .unwrap()
+                    .reshape((t, 4, 8))
+                    .unwrap()
+            };
+            let slow = dense(
+                &q.squeeze(0).unwrap(),
+                &rep(&k),
+                &rep(&v),
+                0.35,
+                Some(t - s),
+            )
+            .unwrap();
+            assert_eq!(fast.dims(), &[1, s, 4, 8]);
+            assert!(max_diff(&fast.squeeze(0).unwrap(), &slow) < 1e-5, "s={s}");
+        }
+    }
+
+    #[test]
+    fn dense_chunks_give_the_same_result() {
+        let (q, k, v) = (rand((5, 1, 4)), rand((5, 1, 4)), rand((5, 1, 4)));
+        let full = dense(&q, &k, &v, 1.0, Some(0)).unwrap();
+        // a row of a causal attention at position 0 sees only itself
+        let first = v.narrow(0, 0, 1).unwrap();
+        assert!(max_diff(&full.narrow(0, 0, 1).unwrap(), &first) < 1e-6);
+    }
+}

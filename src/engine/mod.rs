@@ -1,0 +1,474 @@
+//! The embedded Qwen2-VL engine on candle. It owns everything between a [`Prompt`] and generated
+//! text: loading a checkpoint, the processor (images, videos, chat template, tokens), the vision
+//! tower, the Qwen2 decoder with M-RoPE, and generation. It knows nothing about agents.
+//!
+//! Entry point: [`Qwen2Vl`].
+
+mod attention;
+pub mod chat;
+pub mod config;
+pub mod error;
+pub mod image;
+pub mod processor;
+pub mod prompt;
+pub mod rope_index;
+pub mod sampling;
+pub mod text;
+pub mod vision;
+pub mod weights;
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+
+pub use config::ModelConfig;
+pub use error::{EngineError, Result};
+pub use processor::{PreparedPrompt, Processor};
+pub use prompt::{Content, Message, Part, Prompt};
+pub use rope_index::{GridThw, RopePositions};
+pub use sampling::{GenerationConfig, GenerationOptions};
+pub use weights::DEFAULT_MODEL;
+
+use self::image::PatchedMedia;
+use sampling::TokenSampler;
+use text::TextModel;
+use vision::VisionTower;
+
+/// How to load a model.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    pub dtype: DType,
+    pub device: Device,
+    /// Overrides of the checkpoint's image pixel budget.
+    pub min_pixels: Option<u64>,
+    pub max_pixels: Option<u64>,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            dtype: DType::F32,
+            device: Device::Cpu,
+            min_pixels: None,
+            max_pixels: None,
+        }
+    }
+}
+
+/// Why generation ended.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case", tag = "reason", content = "detail")]
+pub enum FinishReason {
+    /// An end-of-sequence token (its id).
+    Eos(u32),
+    /// A stop string (which one); the text ends before it.
+    StopString(String),
+    MaxTokens,
+}
+
+/// Seconds spent in each phase of one generation.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Timings {
+    pub vision_s: f64,
+    pub prefill_s: f64,
+    pub decode_tokens_per_s: f64,
+}
+
+/// The outcome of one generation.
+#[derive(Debug, Clone)]
+pub struct Generation {
+    pub prompt_token_ids: Vec<u32>,
+    /// Generated ids, including a final end-of-sequence token when there was one.
+    pub token_ids: Vec<u32>,
+    /// Generated text without the end-of-sequence token and without a matched stop string.
+    pub text: String,
+    pub image_grid_thw: Vec<GridThw>,
+    pub video_grid_thw: Vec<GridThw>,
+    /// The largest logits at the first generated position, descending.
+    pub top_logits: Vec<(u32, f32)>,
+    pub finish_reason: FinishReason,
+    pub timings: Timings,
+}
+
+/// A loaded Qwen2-VL model with its tokenizer and processor.
+pub struct Qwen2Vl {
+    config: ModelConfig,
+    vision: VisionTower,
+    text: TextModel,
+    processor: Processor,
+    generation_config: GenerationConfig,
+    eos_ids: Vec<u32>,
+    device: Device,
+    dtype: DType,
+    dir: PathBuf,
+}
+
+impl Qwen2Vl {
+    /// Loads a model folder or hub id (see [`weights::resolve_model`]).
+    pub fn load(model: &str, options: &LoadOptions) -> Result<Self> {
+        let dir = weights::resolve_model(model)?;
+        Self::load_dir(&dir, options)
+    }
+
+    /// Loads a local model folder.
+    pub fn load_dir(dir: &Path, options: &LoadOptions) -> Result<Self> {
+        let config_path = dir.join("config.json");
+        if !config_path.exists() {
+            return Err(EngineError::MissingFile {
+                path: dir.to_path_buf(),
+                file: "config.json".into(),
+                hint: "pass the folder of a Hugging Face Qwen2-VL checkpoint".into(),
+            });
+        }
+        let config = ModelConfig::from_file(&config_path)?;
+        let processor = Processor::from_model_dir(dir, options.min_pixels, options.max_pixels)?;
+        let special = processor.special_tokens();
+        for (name, from_config, from_tokenizer) in [
+            ("image_token_id", config.image_token_id, special.image_pad.1),
+            ("video_token_id", config.video_token_id, special.video_pad.1),
+        ] {
+            if let Some(id) = from_config
+                && id != from_tokenizer
+            {
+                return Err(EngineError::BadFile {
+                    path: config_path.clone(),
+                    message: format!(
+                        "{name} is {id} but tokenizer.json gives {from_tokenizer}; config and tokenizer are from different models"
+                    ),
+                });
+            }
+        }
+        if processor.image_config().merge_size != config.vision.spatial_merge_size {
+            return Err(EngineError::BadFile {
+                path: dir.join("preprocessor_config.json"),
+                message: format!(
+                    "merge_size {} differs from config.json's spatial_merge_size {}",
+                    processor.image_config().merge_size,
+                    config.vision.spatial_merge_size
+                ),
+            });
+        }
+        let generation_config = GenerationConfig::from_model_dir(dir)?;
+        let mut eos_ids = generation_config.eos_token_id.clone();
+        for id in &config.eos_token_ids {
+            if !eos_ids.contains(id) {
+                eos_ids.push(*id);
+            }
+        }
+        let weights = weights::Weights::open(dir)?;
+        let vb = weights.var_builder(options.dtype, &options.device)?;
+        let tensor_error = |e: candle_core::Error| EngineError::Tensor {
+            tensor: String::new(),
+            file: dir.display().to_string(),
+            message: e.to_string(),
+        };
+        let vision = VisionTower::load(&config.vision, vb.pp(weights.layout.vision))
+            .map_err(tensor_error)?;
+        if config.vision.hidden_size != config.text.hidden_size {
+            return Err(EngineError::BadFile {
+                path: config_path,
+                message: format!(
+                    "vision_config.hidden_size {} differs from the language model's hidden_size {}",
+                    config.vision.hidden_size, config.text.hidden_size
+                ),
+            });
+        }
+        let text = TextModel::load(&config.text, vb.pp(weights.layout.text), vb.clone())
+            .map_err(tensor_error)?;
+        Ok(Self {
+            config,
+            vision,
+            text,
+            processor,
+            generation_config,
+            eos_ids,
+            device: options.device.clone(),
+            dtype: options.dtype,
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+    pub fn processor(&self) -> &Processor {
+        &self.processor
+    }
+    pub fn model_dir(&self) -> &Path {
+        &self.dir
+    }
+    pub fn generation_config(&self) -> &GenerationConfig {
+        &self.generation_config
+    }
+
+    /// Renders, preprocesses and tokenizes `prompt` as the reference processor does.
+    pub fn prepare(&self, prompt: &Prompt) -> Result<PreparedPrompt> {
+        self.processor.prepare(prompt)
+    }
+
+    /// Runs the vision tower over media items; returns the merged embeddings `(tokens, hidden)`.
+    pub fn encode_media(&self, media: &[PatchedMedia]) -> Result<Option<Tensor>> {
+        if media.is_empty() {
+            return Ok(None);
+        }
+        let row_len = self.config.vision.patch_row_len();
+        let rows: usize = media.iter().map(|m| m.rows).sum();
+        let mut values = Vec::with_capacity(rows * row_len);
+        for m in media {
+            values.extend_from_slice(&m.values);
+        }
+        let pixels = Tensor::from_vec(values, (rows, row_len), &self.device)?;
+        let grids: Vec<GridThw> = media.iter().map(|m| m.grid_thw).collect();
+        Ok(Some(self.vision.forward(&pixels, &grids)?))
+    }
+
+    /// Input embeddings `(1, len, hidden)` with the vision rows spliced in at the pad positions.
+    fn input_embeddings(
+        &self,
+        ids: &[u32],
+        image_embeds: Option<&Tensor>,
+        video_embeds: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let ids_t = Tensor::new(ids, &self.device)?.unsqueeze(0)?;
+        let text = self.text.embed(&ids_t)?.squeeze(0)?;
+        if image_embeds.is_none() && video_embeds.is_none() {
+            return Ok(text.unsqueeze(0)?);
+        }
+        let special = self.processor.special_tokens();
+        let (image_id, video_id) = (special.image_pad.1, special.video_pad.1);
+        // Pads of a kind with no media given stay ordinary tokens, as in the reference.
+        let is_media = |id: u32| {
+            (id == image_id && image_embeds.is_some()) || (id == video_id && video_embeds.is_some())
+        };
+        let mut pieces = Vec::new();
+        let (mut image_row, mut video_row) = (0usize, 0usize);
+        let mut i = 0;
+        while i < ids.len() {
+            let id = ids[i];
+            if !is_media(id) {
+                let end = (i..ids.len()).find(|&j| is_media(ids[j])).unwrap_or(ids.len());
+                pieces.push(text.narrow(0, i, end - i)?);
+                i = end;
+                continue;
+            }
+            let run = ids[i..].iter().take_while(|&&x| x == id).count();
+            let (embeds, row) = match (id == image_id, image_embeds, video_embeds) {
+                (true, Some(e), _) => (e, &mut image_row),
+                (false, _, Some(e)) => (e, &mut video_row),
+                _ => unreachable!("is_media checked that the embeddings exist"),
+            };
+            let available = embeds.dim(0)?.saturating_sub(*row);
+            if run > available {
+                return Err(EngineError::Prompt(format!(
+                    "the prompt has more media pad tokens than the media produce ({run} > {available})"
+                )));
+            }
+            pieces.push(embeds.narrow(0, *row, run)?.to_dtype(text.dtype())?);
+            *row += run;
+            i += run;
+        }
+        Ok(Tensor::cat(&pieces, 0)?.unsqueeze(0)?)
+    }
+
+    /// Generates a completion of `prompt`. `on_text` receives the text as it is produced (never a
+    /// partial UTF-8 character, never the beginning of a stop string that may still complete).
+    pub fn generate(
+        &mut self,
+        prompt: &Prompt,
+        options: &GenerationOptions,
+        mut on_text: impl FnMut(&str),
+    ) -> Result<Generation> {
+        if options.max_new_tokens == 0 {
+            return Err(EngineError::Option(
+                "max_new_tokens must be at least 1".into(),
+            ));
+        }
+        let prepared = self.prepare(prompt)?;
+        let mut sampler = TokenSampler::new(options, &self.generation_config)?;
+
+        let vision_start = Instant::now();
+        let image_embeds = self.encode_media(&prepared.images)?;
+        let video_embeds = self.encode_media(&prepared.videos)?;
+        let vision_s = vision_start.elapsed().as_secs_f64();
+
+        let prefill_start = Instant::now();
+        let ids = &prepared.input_ids;
+        let embeds = self.input_embeddings(ids, image_embeds.as_ref(), video_embeds.as_ref())?;
+        let rows = &prepared.positions.rows;
+        let rope = text::mrope_tables(
+            &self.config.text,
+            [&rows[0], &rows[1], &rows[2]],
+            self.dtype,
+            &self.device,
+        )?;
+        self.text.reset(ids.len() + options.max_new_tokens);
+        let mut logits = self.text.forward(&embeds, &rope)?;
+        let prefill_s = prefill_start.elapsed().as_secs_f64();
+
+        let top_logits = sampling::top_k_logits(&logits, options.top_logits)?;
+        let mut context = ids.clone();
+        let mut generated: Vec<u32> = Vec::new();
+        let mut stream = TextStream::new(&options.stop_strings);
+        let mut finish = FinishReason::MaxTokens;
+        let decode_start = Instant::now();
+        for step in 0..options.max_new_tokens {
+            let token = sampler.next(&logits, &context)?;
+            generated.push(token);
+            context.push(token);
+            if self.eos_ids.contains(&token) {
+                finish = FinishReason::Eos(token);
+                break;
+            }
+            let text = self.decode(&generated)?;
+            if let Some(stop) = stream.update(&text, &mut on_text) {
+                finish = FinishReason::StopString(stop);
+                break;
+            }
+            if step + 1 == options.max_new_tokens {
+                break;
+            }
+            let position = (self.text.cached_len() as i64) + prepared.positions.delta;
+            let rope = text::mrope_tables(
+                &self.config.text,
+                [&[position], &[position], &[position]],
+                self.dtype,
+                &self.device,
+            )?;
+            let embed = self
+                .text
+                .embed(&Tensor::new(&[token], &self.device)?.unsqueeze(0)?)?;
+            logits = self.text.forward(&embed, &rope)?;
+        }
+        let decode_s = decode_start.elapsed().as_secs_f64();
+        let text_ids: Vec<u32> = generated
+            .iter()
+            .copied()
+            .filter(|id| !self.eos_ids.contains(id))
+            .collect();
+        let full_text = self.decode(&text_ids)?;
+        let text = stream.finish(&full_text, &mut on_text);
+        Ok(Generation {
+            prompt_token_ids: prepared.input_ids.clone(),
+            image_grid_thw: prepared.image_grids(),
+            video_grid_thw: prepared.video_grids(),
+            token_ids: generated.clone(),
+            text,
+            top_logits,
+            finish_reason: finish,
+            timings: Timings {
+                vision_s,
+                prefill_s,
+                decode_tokens_per_s: if decode_s > 0.0 {
+                    generated.len() as f64 / decode_s
+                } else {
+                    0.0
+                },
+            },
+        })
+    }
+
+    fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.processor.decode(ids)
+    }
+}
+
+/// Streams decoded text while holding back what might still become a stop string or is an
+/// incomplete UTF-8 sequence.
+struct TextStream<'a> {
+    stops: &'a [String],
+    emitted: usize,
+    stopped_at: Option<usize>,
+}
+
+impl<'a> TextStream<'a> {
+    fn new(stops: &'a [String]) -> Self {
+        Self {
+            stops,
+            emitted: 0,
+            stopped_at: None,
+        }
+    }
+
+    /// Takes the whole text so far; emits what is safe; returns the stop string once one appears.
+    fn update(&mut self, text: &str, on_text: &mut impl FnMut(&str)) -> Option<String> {
+        if let Some((pos, stop)) = self
+            .stops
+            .iter()
+            .filter(|s| !s.is_empty())
+            .filter_map(|s| text.find(s.as_str()).map(|p| (p, s)))
+            .min_by_key(|(p, _)| *p)
+        {
+            self.emit_until(text, pos, on_text);
+            self.stopped_at = Some(pos);
+            return Some(stop.clone());
+        }
+        // A trailing U+FFFD is a multi-byte character still being generated.
+        let mut safe = text.trim_end_matches('\u{FFFD}').len();
+        for stop in self.stops {
+            for k in (1..stop.len()).rev() {
+                if stop.is_char_boundary(k) && text[..safe].ends_with(&stop[..k]) {
+                    safe -= k;
+                    break;
+                }
+            }
+        }
+        self.emit_until(text, safe, on_text);
+        None
+    }
+
+    fn emit_until(&mut self, text: &str, end: usize, on_text: &mut impl FnMut(&str)) {
+        if end > self.emitted && text.is_char_boundary(end) && text.is_char_boundary(self.emitted) {
+            on_text(&text[self.emitted..end]);
+            self.emitted = end;
+        }
+    }
+
+    /// The final text (cut at the stop string), emitting whatever was held back.
+    fn finish(&mut self, text: &str, on_text: &mut impl FnMut(&str)) -> String {
+        let end = self.stopped_at.unwrap_or(text.len()).min(text.len());
+        let mut end = end;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        self.emit_until(text, end, on_text);
+        text[..end].to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stream_holds_back_partial_stop_strings() {
+        let stops = vec!["*RESULT*".to_string()];
+        let mut s = TextStream::new(&stops);
+        let mut out = String::new();
+        assert!(s.update("Click *RES", &mut |t| out.push_str(t)).is_none());
+        assert_eq!(out, "Click ");
+        assert_eq!(
+            s.update("Click *RESULT*:", &mut |t| out.push_str(t)),
+            Some("*RESULT*".into())
+        );
+        assert_eq!(out, "Click ");
+        assert_eq!(
+            s.finish("Click *RESULT*:", &mut |t| out.push_str(t)),
+            "Click "
+        );
+    }
+
+    #[test]
+    fn stream_releases_false_alarms_and_waits_for_whole_characters() {
+        let stops = vec!["*RESULT*".to_string()];
+        let mut s = TextStream::new(&stops);
+        let mut out = String::new();
+        s.update("a *", &mut |t| out.push_str(t));
+        assert_eq!(out, "a ");
+        s.update("a *b \u{FFFD}", &mut |t| out.push_str(t));
+        assert_eq!(out, "a *b ");
+        s.update("a *b 好", &mut |t| out.push_str(t));
+        assert_eq!(out, "a *b 好");
+        assert_eq!(s.finish("a *b 好", &mut |t| out.push_str(t)), "a *b 好");
+    }
+}

@@ -1,0 +1,221 @@
+//! The Qwen2 language model of Qwen2-VL: embeddings with vision rows spliced in, decoder layers
+//! with grouped-query attention and multimodal rotary embeddings (M-RoPE), a KV cache that grows
+//! with the real context, and logits for the last position only.
+
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::kv_cache::KvCache;
+use candle_nn::{Embedding, Linear, RmsNorm, VarBuilder};
+
+use super::attention;
+use super::config::TextConfig;
+
+/// cos/sin tables for M-RoPE: `(len, head_dim/2)` each, in the model dtype.
+pub struct RotaryTables {
+    pub cos: Tensor,
+    pub sin: Tensor,
+}
+
+/// Builds M-RoPE tables for positions given as three rows (t, h, w).
+pub fn mrope_tables(
+    cfg: &TextConfig,
+    rows: [&[i64]; 3],
+    dtype: DType,
+    device: &Device,
+) -> candle_core::Result<RotaryTables> {
+    let half = cfg.head_dim() / 2;
+    let inv_freq: Vec<f32> = (0..half)
+        .map(|i| 1.0 / (cfg.rope_theta as f32).powf((2 * i) as f32 / cfg.head_dim() as f32))
+        .collect();
+    let [st, sh, _] = cfg.mrope_section;
+    let len = rows[0].len();
+    let mut freqs = Vec::with_capacity(len * half);
+    for p in 0..len {
+        for (i, f) in inv_freq.iter().enumerate() {
+            let axis = if i < st {
+                0
+            } else if i < st + sh {
+                1
+            } else {
+                2
+            };
+            freqs.push(rows[axis][p] as f32 * f);
+        }
+    }
+    let freqs = Tensor::from_vec(freqs, (len, half), device)?;
+    Ok(RotaryTables {
+        cos: freqs.cos()?.to_dtype(dtype)?,
+        sin: freqs.sin()?.to_dtype(dtype)?,
+    })
+}
+
+struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    fn load(cfg: &TextConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+        let (h, hd) = (cfg.hidden_size, cfg.head_dim());
+        Ok(Self {
+            q_proj: candle_nn::linear(h, cfg.num_attention_heads * hd, vb.pp("q_proj"))?,
+            k_proj: candle_nn::linear(h, cfg.num_key_value_heads * hd, vb.pp("k_proj"))?,
+            v_proj: candle_nn::linear(h, cfg.num_key_value_heads * hd, vb.pp("v_proj"))?,
+            o_proj: candle_nn::linear_no_bias(cfg.num_attention_heads * hd, h, vb.pp("o_proj"))?,
+            num_heads: cfg.num_attention_heads,
+            num_kv_heads: cfg.num_key_value_heads,
+            head_dim: hd,
+        })
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        rope: &RotaryTables,
+        cache: &mut KvCache,
+    ) -> candle_core::Result<Tensor> {
+        let (b, s, _) = x.dims3()?;
+        let q = self
+            .q_proj
+            .forward(x)?
+            .reshape((b, s, self.num_heads, self.head_dim))?;
+        let k = self
+            .k_proj
+            .forward(x)?
+            .reshape((b, s, self.num_kv_heads, self.head_dim))?;
+        let v = self
+            .v_proj
+            .forward(x)?
+            .reshape((b, s, self.num_kv_heads, self.head_dim))?;
+        let q = candle_nn::rotary_emb::rope_thd(&q.contiguous()?, &rope.cos, &rope.sin)?;
+        let k = candle_nn::rotary_emb::rope_thd(&k.contiguous()?, &rope.cos, &rope.sin)?;
+        let (k, v) = cache.append(&k, &v.contiguous()?)?;
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let out = attention::causal(&q, &k, &v, scale)?;
+        self.o_proj
+            .forward(&out.reshape((b, s, self.num_heads * self.head_dim))?)
+    }
+}
+
+struct DecoderLayer {
+    attn: Attention,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+    input_norm: RmsNorm,
+    post_norm: RmsNorm,
+}
+
+impl DecoderLayer {
+    fn load(cfg: &TextConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+        let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+        let mlp = vb.pp("mlp");
+        Ok(Self {
+            attn: Attention::load(cfg, vb.pp("self_attn"))?,
+            gate: candle_nn::linear_no_bias(h, i, mlp.pp("gate_proj"))?,
+            up: candle_nn::linear_no_bias(h, i, mlp.pp("up_proj"))?,
+            down: candle_nn::linear_no_bias(i, h, mlp.pp("down_proj"))?,
+            input_norm: candle_nn::rms_norm(h, cfg.rms_norm_eps, vb.pp("input_layernorm"))?,
+            post_norm: candle_nn::rms_norm(h, cfg.rms_norm_eps, vb.pp("post_attention_layernorm"))?,
+        })
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        rope: &RotaryTables,
+        cache: &mut KvCache,
+    ) -> candle_core::Result<Tensor> {
+        let h = self
+            .attn
+            .forward(&self.input_norm.forward(x)?, rope, cache)?;
+        let x = (x + h)?;
+        let n = self.post_norm.forward(&x)?;
+        let m = (candle_nn::ops::silu(&self.gate.forward(&n)?)? * self.up.forward(&n)?)?;
+        x + self.down.forward(&m)?
+    }
+}
+
+/// The decoder with its own KV cache (one conversation at a time).
+pub struct TextModel {
+    embed: Embedding,
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    lm_head: Linear,
+    caches: Vec<KvCache>,
+    cfg: TextConfig,
+}
+
+impl TextModel {
+    /// `model_vb` is rooted at the decoder (`model` or `model.language_model`); `lm_head_vb` at
+    /// the checkpoint root. A tied model reuses the embedding matrix as the output layer.
+    pub fn load(
+        cfg: &TextConfig,
+        model_vb: VarBuilder,
+        root_vb: VarBuilder,
+    ) -> candle_core::Result<Self> {
+        let embed =
+            candle_nn::embedding(cfg.vocab_size, cfg.hidden_size, model_vb.pp("embed_tokens"))?;
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| DecoderLayer::load(cfg, model_vb.pp("layers").pp(i)))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let norm = candle_nn::rms_norm(cfg.hidden_size, cfg.rms_norm_eps, model_vb.pp("norm"))?;
+        let lm_head = if cfg.tie_word_embeddings {
+            Linear::new(embed.embeddings().clone(), None)
+        } else {
+            candle_nn::linear_no_bias(cfg.hidden_size, cfg.vocab_size, root_vb.pp("lm_head"))?
+        };
+        Ok(Self {
+            embed,
+            layers,
+            norm,
+            lm_head,
+            caches: Vec::new(),
+            cfg: cfg.clone(),
+        })
+    }
+
+    pub fn config(&self) -> &TextConfig {
+        &self.cfg
+    }
+
+    /// Token embeddings `(1, len, hidden)` for `ids`.
+    pub fn embed(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
+        self.embed.forward(ids)
+    }
+
+    /// Clears the KV cache and sizes it for `capacity` positions.
+    pub fn reset(&mut self, capacity: usize) {
+        self.caches = (0..self.layers.len())
+            .map(|_| KvCache::new(1, capacity.max(1)))
+            .collect();
+    }
+
+    /// Number of positions in the KV cache.
+    pub fn cached_len(&self) -> usize {
+        self.caches.first().map_or(0, KvCache::current_seq_len)
+    }
+
+    /// Runs `embeds` `(1, len, hidden)` through the decoder after what is cached, appends to the
+    /// cache, and returns the logits of the last position `(vocab,)` in f32.
+    pub fn forward(&mut self, embeds: &Tensor, rope: &RotaryTables) -> candle_core::Result<Tensor> {
+        if self.caches.len() != self.layers.len() {
+            self.reset(embeds.dim(1)?);
+        }
+        let mut x = embeds.clone();
+        for (layer, cache) in self.layers.iter().zip(self.caches.iter_mut()) {
+            x = layer.forward(&x, rope, cache)?;
+        }
+        let len = x.dim(1)?;
+        let last = x.narrow(1, len - 1, 1)?;
+        let last = self.norm.forward(&last)?;
+        self.lm_head
+            .forward(&last)?
+            .flatten_all()?
+            .to_dtype(DType::F32)
+    }
+}

@@ -1,0 +1,210 @@
+//! The Qwen2-VL vision tower: patch embedding as one matmul, 2-D rotary embeddings, transformer
+//! blocks with block-diagonal attention per frame (never an N×N matrix across frames or media),
+//! and the 2×2 patch merger that maps vision features into the language model's width.
+
+use candle_core::{DType, Device, IndexOp, Module, Tensor};
+use candle_nn::{LayerNorm, LayerNormConfig, Linear, VarBuilder};
+
+use super::attention;
+use super::config::VisionConfig;
+use super::rope_index::GridThw;
+
+const LAYER_NORM_EPS: f64 = 1e-6;
+const VISION_ROPE_THETA: f32 = 10_000.0;
+
+fn layer_norm(size: usize, vb: VarBuilder) -> candle_core::Result<LayerNorm> {
+    let cfg = LayerNormConfig {
+        eps: LAYER_NORM_EPS,
+        ..Default::default()
+    };
+    candle_nn::layer_norm(size, cfg, vb)
+}
+
+fn quick_gelu(x: &Tensor) -> candle_core::Result<Tensor> {
+    x * candle_nn::ops::sigmoid(&(x * 1.702)?)?
+}
+
+struct VisionAttention {
+    qkv: Linear,
+    proj: Linear,
+    num_heads: usize,
+    head_dim: usize,
+}
+
+impl VisionAttention {
+    fn load(cfg: &VisionConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+        let dim = cfg.embed_dim;
+        Ok(Self {
+            qkv: candle_nn::linear(dim, 3 * dim, vb.pp("qkv"))?,
+            proj: candle_nn::linear(dim, dim, vb.pp("proj"))?,
+            num_heads: cfg.num_heads,
+            head_dim: cfg.head_dim(),
+        })
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        frame_lens: &[usize],
+    ) -> candle_core::Result<Tensor> {
+        let (n, dim) = x.dims2()?;
+        let qkv = self
+            .qkv
+            .forward(x)?
+            .reshape((n, 3, self.num_heads, self.head_dim))?;
+        // Rotary embeddings are applied in f32, as the reference does.
+        let rotate = |t: Tensor| -> candle_core::Result<Tensor> {
+            let t = t.to_dtype(DType::F32)?.unsqueeze(0)?.contiguous()?;
+            candle_nn::rotary_emb::rope_thd(&t, cos, sin)?.squeeze(0)
+        };
+        let q = rotate(qkv.i((.., 0))?)?;
+        let k = rotate(qkv.i((.., 1))?)?;
+        let v = qkv.i((.., 2))?.to_dtype(DType::F32)?.contiguous()?;
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let out = attention::block_diagonal(&q, &k, &v, frame_lens, scale)?;
+        let out = out.reshape((n, dim))?.to_dtype(x.dtype())?;
+        self.proj.forward(&out)
+    }
+}
+
+struct VisionBlock {
+    norm1: LayerNorm,
+    norm2: LayerNorm,
+    attn: VisionAttention,
+    fc1: Linear,
+    fc2: Linear,
+}
+
+impl VisionBlock {
+    fn load(cfg: &VisionConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+        let dim = cfg.embed_dim;
+        let hidden = cfg.mlp_hidden();
+        Ok(Self {
+            norm1: layer_norm(dim, vb.pp("norm1"))?,
+            norm2: layer_norm(dim, vb.pp("norm2"))?,
+            attn: VisionAttention::load(cfg, vb.pp("attn"))?,
+            fc1: candle_nn::linear(dim, hidden, vb.pp("mlp").pp("fc1"))?,
+            fc2: candle_nn::linear(hidden, dim, vb.pp("mlp").pp("fc2"))?,
+        })
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        frame_lens: &[usize],
+    ) -> candle_core::Result<Tensor> {
+        let x = (x + self
+            .attn
+            .forward(&self.norm1.forward(x)?, cos, sin, frame_lens)?)?;
+        let h = quick_gelu(&self.fc1.forward(&self.norm2.forward(&x)?)?)?;
+        x + self.fc2.forward(&h)?
+    }
+}
+
+/// Vision transformer + merger. Input: patch rows `(N, C·T·P·P)`; output: `(N / merge², hidden)`.
+pub struct VisionTower {
+    patch_embed: Tensor,
+    blocks: Vec<VisionBlock>,
+    merger_norm: LayerNorm,
+    merger_fc1: Linear,
+    merger_fc2: Linear,
+    cfg: VisionConfig,
+    dtype: DType,
+}
+
+impl VisionTower {
+    /// Loads the tower from `vb` rooted at the checkpoint's vision prefix (`visual` or `model.visual`).
+    pub fn load(cfg: &VisionConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+        let patch = cfg.patch_size;
+        let w = vb.get(
+            (
+                cfg.embed_dim,
+                cfg.in_chans,
+                cfg.temporal_patch_size,
+                patch,
+                patch,
+            ),
+            "patch_embed.proj.weight",
+        )?;
+        // Conv3d with kernel == stride and no bias is one matmul over flattened patches.
+        let patch_embed = w
+            .reshape((cfg.embed_dim, cfg.patch_row_len()))?
+            .t()?
+            .contiguous()?;
+        let blocks = (0..cfg.depth)
+            .map(|i| VisionBlock::load(cfg, vb.pp("blocks").pp(i)))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let merged = cfg.embed_dim * cfg.spatial_merge_size * cfg.spatial_merge_size;
+        let mvb = vb.pp("merger");
+        Ok(Self {
+            patch_embed,
+            blocks,
+            merger_norm: layer_norm(cfg.embed_dim, mvb.pp("ln_q"))?,
+            merger_fc1: candle_nn::linear(merged, merged, mvb.pp("mlp").pp("0"))?,
+            merger_fc2: candle_nn::linear(merged, cfg.hidden_size, mvb.pp("mlp").pp("2"))?,
+            cfg: cfg.clone(),
+            dtype: vb.dtype(),
+        })
+    }
+
+    /// Runs the tower over the patch rows of several media items (`grids` in order).
+    pub fn forward(&self, patches: &Tensor, grids: &[GridThw]) -> candle_core::Result<Tensor> {
+        let device = patches.device().clone();
+        let (n, row_len) = patches.dims2()?;
+        let expected: usize = grids.iter().map(|[t, h, w]| t * h * w).sum();
+        if n != expected || row_len != self.cfg.patch_row_len() {
+            candle_core::bail!(
+                "vision input has shape ({n}, {row_len}) but the grids {grids:?} need ({expected}, {})",
+                self.cfg.patch_row_len()
+            );
+        }
+        let mut x = patches.to_dtype(self.dtype)?.matmul(&self.patch_embed)?;
+        let (cos, sin) = self.rotary(grids, &device)?;
+        let frame_lens: Vec<usize> = grids
+            .iter()
+            .flat_map(|&[t, h, w]| std::iter::repeat_n(h * w, t))
+            .collect();
+        for block in &self.blocks {
+            x = block.forward(&x, &cos, &sin, &frame_lens)?;
+        }
+        let merge = self.cfg.spatial_merge_size * self.cfg.spatial_merge_size;
+        let x = self.merger_norm.forward(&x)?;
+        let x = x.reshape((n / merge, self.cfg.embed_dim * merge))?;
+        let x = self.merger_fc1.forward(&x)?;
+        let x = x.gelu_erf()?;
+        self.merger_fc2.forward(&x)
+    }
+
+    /// cos/sin of the 2-D rotary embedding, `(N, head_dim/2)` in f32, rows in patch order
+    /// (2×2 merge blocks, block-major).
+    fn rotary(&self, grids: &[GridThw], device: &Device) -> candle_core::Result<(Tensor, Tensor)> {
+        let rot_dim = self.cfg.head_dim() / 2; // frequencies split between rows and columns
+        let inv_freq: Vec<f32> = (0..rot_dim / 2)
+            .map(|i| 1.0 / VISION_ROPE_THETA.powf((2 * i) as f32 / rot_dim as f32))
+            .collect();
+        let m = self.cfg.spatial_merge_size;
+        let total: usize = grids.iter().map(|[t, h, w]| t * h * w).sum();
+        let mut freqs = Vec::with_capacity(total * rot_dim);
+        for &[t, h, w] in grids {
+            for _ in 0..t {
+                for bh in 0..h / m {
+                    for bw in 0..w / m {
+                        for ih in 0..m {
+                            for iw in 0..m {
+                                let (row, col) = ((bh * m + ih) as f32, (bw * m + iw) as f32);
+                                freqs.extend(inv_freq.iter().map(|f| row * f));
+                                freqs.extend(inv_freq.iter().map(|f| col * f));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        let freqs = Tensor::from_vec(freqs, (total, rot_dim), device)?;
+        Ok((freqs.cos()?, freqs.sin()?))
+    }
+}

@@ -1,0 +1,8 @@
+//! vlad: a vision-language agent daemon with an embedded Qwen2-VL engine.
+//!
+//! Modules follow the agent's loop: [`engine`] runs the model; the protocol turns model text into
+//! actions; environments perform them.
+
+pub mod action;
+pub mod engine;
+pub mod protocol;
