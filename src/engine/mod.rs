@@ -247,7 +247,9 @@ impl Qwen2Vl {
         while i < ids.len() {
             let id = ids[i];
             if !is_media(id) {
-                let end = (i..ids.len()).find(|&j| is_media(ids[j])).unwrap_or(ids.len());
+                let end = (i..ids.len())
+                    .find(|&j| is_media(ids[j]))
+                    .unwrap_or(ids.len());
                 pieces.push(text.narrow(0, i, end - i)?);
                 i = end;
                 continue;

@@ -58,7 +58,7 @@ pub(crate) fn find_boxes(text: &str) -> Scan {
             .and_then(|rest| rest.find(BOX_END))
         else {
             // No `<|box_end|>` anywhere after this: no later box can be closed either.
-            let end = line_end(text, content_start);
+            let end = super::line_end(text, content_start);
             errors.push((BoxError::Unclosed, span_start..end));
             break;
         };
@@ -98,17 +98,10 @@ fn label_before(text: &str, box_start: usize) -> (Option<String>, usize) {
     }
 }
 
-fn line_end(text: &str, from: usize) -> usize {
-    text.get(from..)
-        .and_then(|rest| rest.find('\n'))
-        .map_or(text.len(), |at| from + at)
-}
-
 /// The numbers in a point or box text, in order: `(176,106),(232,160)` gives four.
 pub fn numbers_in(text: &str) -> Vec<f64> {
-    static NUMBER: LazyLock<Regex> = LazyLock::new(|| {
-        Regex::new(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)").unwrap_or_else(|_| unreachable!())
-    });
+    static NUMBER: LazyLock<Regex> =
+        LazyLock::new(|| super::pattern(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)"));
     NUMBER
         .find_iter(text)
         .filter_map(|m| m.as_str().parse::<f64>().ok())

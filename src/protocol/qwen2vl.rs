@@ -3,7 +3,7 @@
 //! the final answer; `*RESULT*` ends the turn (the model should have stopped there).
 //!
 //! The reader walks the reply once: it finds a marker, reads the name, reads one argument value
-//! with the lenient [`args`](super::args) reader (so a `*FUNCTION*` inside a typed string is
+//! with the lenient [`args`] reader (so a `*FUNCTION*` inside a typed string is
 //! text, not a marker), and goes on after that value. Also accepted: `**FUNCTION**`, a full-width
 //! colon, the name and `*ARGS*` on separate lines, no `*ARGS*` marker before `(x,y)` or `{...}`.
 
