@@ -1,8 +1,10 @@
 //! Attention kernels of the engine: block-diagonal (per frame) for the vision tower and causal with
-//! a KV offset for the decoder. On the CPU they use candle-nn's flash kernels, which never build the
-//! score matrix; elsewhere a dense path that chunks the queries so memory stays bounded.
+//! a KV offset for the decoder. Prompts and frames go through matmul-based attention that chunks
+//! the queries, so no score block exceeds a fixed budget and nothing spans two frames; single-token
+//! decode steps on the CPU use candle-nn's flash kernel. (Measured on a 2-core CPU: candle-nn
+//! 0.11's CPU flash kernels are 5–6× slower than matmul attention for prompt-sized inputs.)
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 
 /// Upper bound on the elements of one dense score block (heads × queries × keys).
 const DENSE_SCORE_BUDGET: usize = 1 << 26;
@@ -16,25 +18,6 @@ pub fn block_diagonal(
     lens: &[usize],
     scale: f64,
 ) -> candle_core::Result<Tensor> {
-    if q.device().is_cpu() && matches!(q.dtype(), DType::F32 | DType::F16) {
-        let max = lens.iter().copied().max().unwrap_or(0);
-        let seqlens: Vec<u32> = lens.iter().map(|&l| l as u32).collect();
-        let seqlens = Tensor::new(seqlens.as_slice(), &Device::Cpu)?;
-        return candle_nn::attention::flash_attn_varlen_cpu(
-            q,
-            k,
-            v,
-            None,
-            &seqlens,
-            &seqlens,
-            max,
-            max,
-            scale as f32,
-            false,
-            None,
-            None,
-        );
-    }
     let mut outs = Vec::with_capacity(lens.len());
     let mut start = 0;
     for &len in lens {
@@ -54,7 +37,7 @@ pub fn causal(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> candle_core::Re
     let (_, s, heads, _) = q.dims4()?;
     let (_, t, kv_heads, _) = k.dims4()?;
     let offset = t - s;
-    if q.device().is_cpu() && q.dtype() == DType::F32 {
+    if s == 1 && q.device().is_cpu() && q.dtype() == DType::F32 {
         let mask = candle_nn::attention::AttnMask::causal_with_offset(offset);
         let out = candle_nn::attention::flash_attn::<f32>(q, k, v, scale as f32, mask, None, None)?;
         // the kernels return (1, heads, S, d)
@@ -121,6 +104,7 @@ pub(crate) fn dense(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::Device;
 
     fn rand(shape: (usize, usize, usize)) -> Tensor {
         Tensor::randn(0f32, 1.0, shape, &Device::Cpu).unwrap()
@@ -140,7 +124,7 @@ mod tests {
     }
 
     #[test]
-    fn flash_block_diagonal_matches_dense_per_frame() {
+    fn block_diagonal_matches_dense_per_frame_and_the_flash_kernel() {
         let (q, k, v) = (rand((13, 2, 8)), rand((13, 2, 8)), rand((13, 2, 8)));
         let lens = [4, 9];
         let fast = block_diagonal(&q, &k, &v, &lens, 0.3).unwrap();
@@ -163,6 +147,12 @@ mod tests {
         let slow = Tensor::cat(&[a, b], 0).unwrap();
         assert_eq!(fast.dims(), &[13, 2, 8]);
         assert!(max_diff(&fast, &slow) < 1e-5);
+        let seqlens = Tensor::new(&[4u32, 9], &Device::Cpu).unwrap();
+        let flash = candle_nn::attention::flash_attn_varlen_cpu(
+            &q, &k, &v, None, &seqlens, &seqlens, 9, 9, 0.3, false, None, None,
+        )
+        .unwrap();
+        assert!(max_diff(&fast, &flash) < 1e-5);
     }
 
     #[test]

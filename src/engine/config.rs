@@ -105,6 +105,10 @@ mod defaults {
     }
 }
 
+/// The released configurations, for random-weight benchmarks and checks.
+pub const QWEN2_VL_2B_CONFIG: &str = include_str!("configs/qwen2-vl-2b.json");
+pub const QWEN2_VL_7B_CONFIG: &str = include_str!("configs/qwen2-vl-7b.json");
+
 /// The whole checkpoint configuration.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelConfig {
@@ -321,6 +325,15 @@ mod tests {
         assert_eq!(cfg.vision.patch_row_len(), 1176);
         assert_eq!(cfg.image_token_id, Some(151655));
         assert_eq!(cfg.eos_token_ids, vec![151645]);
+    }
+
+    #[test]
+    fn bundled_released_configs_parse() {
+        let b2 = ModelConfig::from_json_str(QWEN2_VL_2B_CONFIG, Path::new("2b")).unwrap();
+        assert_eq!((b2.text.hidden_size, b2.text.num_hidden_layers), (1536, 28));
+        let b7 = ModelConfig::from_json_str(QWEN2_VL_7B_CONFIG, Path::new("7b")).unwrap();
+        assert_eq!((b7.text.hidden_size, b7.vision.hidden_size), (3584, 3584));
+        assert!(!b7.text.tie_word_embeddings);
     }
 
     #[test]

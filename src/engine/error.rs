@@ -24,12 +24,9 @@ pub enum EngineError {
          serve other models with vLLM/SGLang and use the openai backend"
     )]
     UnsupportedModel { path: PathBuf, found: String },
-    #[error("tensor {tensor} ({file}): {message}")]
-    Tensor {
-        tensor: String,
-        file: String,
-        message: String,
-    },
+    /// Loading the weights failed; the message names the tensor and its file.
+    #[error("cannot load the weights in {path}: {message}")]
+    Weights { path: PathBuf, message: String },
     #[error("could not fetch {repo} from the Hugging Face hub: {message}. {hint}")]
     Hub {
         repo: String,

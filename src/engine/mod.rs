@@ -11,6 +11,7 @@ pub mod error;
 pub mod image;
 pub mod processor;
 pub mod prompt;
+pub mod random;
 pub mod rope_index;
 pub mod sampling;
 pub mod text;
@@ -150,32 +151,58 @@ impl Qwen2Vl {
             });
         }
         let generation_config = GenerationConfig::from_model_dir(dir)?;
+        let weights = weights::Weights::open(dir)?;
+        let vb = weights.var_builder(options.dtype, &options.device)?;
+        Self::from_parts(config, processor, generation_config, vb, &weights.layout, options, dir)
+    }
+
+    /// Builds a model with the real shapes of `config` and random weights (benchmarks, memory
+    /// checks); the processor files come from `processor_dir` (a tokenizer folder suffices).
+    pub fn with_random_weights(
+        config: ModelConfig,
+        processor_dir: &Path,
+        options: &LoadOptions,
+    ) -> Result<Self> {
+        let processor = Processor::from_model_dir(processor_dir, options.min_pixels, options.max_pixels)?;
+        let generation_config = GenerationConfig::from_model_dir(processor_dir)?;
+        let vb = random::RandomWeights::var_builder(options.dtype, &options.device);
+        let layout = weights::NameLayout {
+            vision: "visual",
+            text: "model",
+        };
+        Self::from_parts(config, processor, generation_config, vb, &layout, options, processor_dir)
+    }
+
+    fn from_parts(
+        config: ModelConfig,
+        processor: Processor,
+        generation_config: GenerationConfig,
+        vb: candle_nn::VarBuilder<'static>,
+        layout: &weights::NameLayout,
+        options: &LoadOptions,
+        dir: &Path,
+    ) -> Result<Self> {
         let mut eos_ids = generation_config.eos_token_id.clone();
         for id in &config.eos_token_ids {
             if !eos_ids.contains(id) {
                 eos_ids.push(*id);
             }
         }
-        let weights = weights::Weights::open(dir)?;
-        let vb = weights.var_builder(options.dtype, &options.device)?;
-        let tensor_error = |e: candle_core::Error| EngineError::Tensor {
-            tensor: String::new(),
-            file: dir.display().to_string(),
+        let tensor_error = |e: candle_core::Error| EngineError::Weights {
+            path: dir.to_path_buf(),
             message: e.to_string(),
         };
-        let vision = VisionTower::load(&config.vision, vb.pp(weights.layout.vision))
-            .map_err(tensor_error)?;
         if config.vision.hidden_size != config.text.hidden_size {
             return Err(EngineError::BadFile {
-                path: config_path,
+                path: dir.join("config.json"),
                 message: format!(
                     "vision_config.hidden_size {} differs from the language model's hidden_size {}",
                     config.vision.hidden_size, config.text.hidden_size
                 ),
             });
         }
-        let text = TextModel::load(&config.text, vb.pp(weights.layout.text), vb.clone())
-            .map_err(tensor_error)?;
+        let vision = VisionTower::load(&config.vision, vb.pp(layout.vision)).map_err(tensor_error)?;
+        let text = TextModel::load(&config.text, vb.pp(layout.text), vb.clone()).map_err(tensor_error)?;
         Ok(Self {
             config,
             vision,
