@@ -5,4 +5,5 @@
 
 pub mod action;
 pub mod engine;
+pub mod environment;
 pub mod protocol;
