@@ -42,7 +42,9 @@ fn status_bytes(key: &str) -> Option<u64> {
 
 fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
-    let tokenizer_dir = args.next().unwrap_or_else(|| "tests/data/qwen2vl-tokenizer".into());
+    let tokenizer_dir = args
+        .next()
+        .unwrap_or_else(|| "tests/data/qwen2vl-tokenizer".into());
     let size = args.next().unwrap_or_else(|| "1920x1080".into());
     let dtype = match args.next().as_deref() {
         Some("bf16") => DType::BF16,
@@ -79,6 +81,14 @@ fn main() -> anyhow::Result<()> {
         "{w}x{h}: grid {:?}, {} prompt tokens",
         prepared.image_grids(),
         prepared.input_ids.len()
+    );
+    let vision_start = Instant::now();
+    model.encode_media(&prepared.images)?;
+    eprintln!(
+        "vision tower alone: {:.1} s; RSS {:?}, peak {:?}",
+        vision_start.elapsed().as_secs_f64(),
+        status_bytes("VmRSS:"),
+        peak_rss_bytes()
     );
     let generation_options = GenerationOptions {
         max_new_tokens: 8,

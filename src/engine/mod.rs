@@ -153,7 +153,15 @@ impl Qwen2Vl {
         let generation_config = GenerationConfig::from_model_dir(dir)?;
         let weights = weights::Weights::open(dir)?;
         let vb = weights.var_builder(options.dtype, &options.device)?;
-        Self::from_parts(config, processor, generation_config, vb, &weights.layout, options, dir)
+        Self::from_parts(
+            config,
+            processor,
+            generation_config,
+            vb,
+            &weights.layout,
+            options,
+            dir,
+        )
     }
 
     /// Builds a model with the real shapes of `config` and random weights (benchmarks, memory
@@ -163,14 +171,23 @@ impl Qwen2Vl {
         processor_dir: &Path,
         options: &LoadOptions,
     ) -> Result<Self> {
-        let processor = Processor::from_model_dir(processor_dir, options.min_pixels, options.max_pixels)?;
+        let processor =
+            Processor::from_model_dir(processor_dir, options.min_pixels, options.max_pixels)?;
         let generation_config = GenerationConfig::from_model_dir(processor_dir)?;
         let vb = random::RandomWeights::var_builder(options.dtype, &options.device);
         let layout = weights::NameLayout {
             vision: "visual",
             text: "model",
         };
-        Self::from_parts(config, processor, generation_config, vb, &layout, options, processor_dir)
+        Self::from_parts(
+            config,
+            processor,
+            generation_config,
+            vb,
+            &layout,
+            options,
+            processor_dir,
+        )
     }
 
     fn from_parts(
@@ -201,8 +218,10 @@ impl Qwen2Vl {
                 ),
             });
         }
-        let vision = VisionTower::load(&config.vision, vb.pp(layout.vision)).map_err(tensor_error)?;
-        let text = TextModel::load(&config.text, vb.pp(layout.text), vb.clone()).map_err(tensor_error)?;
+        let vision =
+            VisionTower::load(&config.vision, vb.pp(layout.vision)).map_err(tensor_error)?;
+        let text =
+            TextModel::load(&config.text, vb.pp(layout.text), vb.clone()).map_err(tensor_error)?;
         Ok(Self {
             config,
             vision,

@@ -27,7 +27,9 @@ impl SimpleBackend for RandomWeights {
         let t = match h {
             Init::Const(v) if v != 0.0 => Tensor::full(v as f32, s, dev)?,
             Init::Const(_) => Tensor::randn(0f32, 0.02, s, dev)?,
-            other => other.var(s, DType::F32, dev)?.as_tensor().clone(),
+            // detach: a variable would make every op record a backprop graph and keep all
+            // intermediate activations alive
+            other => other.var(s, DType::F32, dev)?.as_tensor().detach(),
         };
         t.to_dtype(dtype)
     }

@@ -147,12 +147,36 @@ fn resample_vertical(src: &[u8], w: usize, row_shift: usize, c: &Coeffs) -> Vec<
     out
 }
 
+/// Which Pillow release's bicubic resize to reproduce. Releases differ only in the order of the
+/// two separable passes, which changes results by rounding (the passes round to `u8` in between).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PillowCompat {
+    /// Pillow 13.0 and later: the vertical pass runs first when the height shrinks by more than
+    /// twice as many pixels as the width does (e.g. portrait phone screenshots), else horizontal
+    /// first. What `pip install pillow` gives today.
+    #[default]
+    Pillow13,
+    /// Pillow 12.x and earlier: always horizontal, then vertical (the Pillow of Qwen2-VL's release).
+    Pillow12,
+}
+
 /// Resizes `src` to `new_w`×`new_h` with Pillow's bicubic filter (`a = -0.5`), bit-exact with
-/// `Image.resize((new_w, new_h), Image.BICUBIC)` on an `RGB` image.
+/// `Image.resize((new_w, new_h), Image.BICUBIC)` of Pillow 13 on an `RGB` image. See
+/// [`resize_bicubic_compat`] for earlier Pillow releases.
+pub fn resize_bicubic(src: &RgbImage, new_w: u32, new_h: u32) -> RgbImage {
+    resize_bicubic_compat(src, new_w, new_h, PillowCompat::default())
+}
+
+/// [`resize_bicubic`] bit-exact with the given Pillow release.
 ///
 /// Like Pillow, an unchanged size returns a copy and an axis whose size is unchanged is not
 /// resampled. A zero target size gives an empty image; an empty source gives a black image.
-pub fn resize_bicubic(src: &RgbImage, new_w: u32, new_h: u32) -> RgbImage {
+pub fn resize_bicubic_compat(
+    src: &RgbImage,
+    new_w: u32,
+    new_h: u32,
+    compat: PillowCompat,
+) -> RgbImage {
     let (in_w, in_h) = src.dimensions();
     if (in_w, in_h) == (new_w, new_h) {
         return src.clone();
@@ -162,29 +186,41 @@ pub fn resize_bicubic(src: &RgbImage, new_w: u32, new_h: u32) -> RgbImage {
     }
     let need_horizontal = new_w != in_w;
     let need_vertical = new_h != in_h;
-    let vert = precompute_coeffs(in_h, new_h);
-    // Source rows the vertical pass reads: only those are resampled horizontally.
-    let ybox_first = vert.start[0];
-    let last = vert.start.len() - 1;
-    let ybox_last = vert.start[last] + vert.len[last];
-
-    let raw: &[u8] = src.as_raw();
-    let (buf, width, shift) = if need_horizontal {
-        let horiz = precompute_coeffs(in_w, new_w);
-        let rows = if need_vertical {
-            (ybox_first, ybox_last - ybox_first)
-        } else {
-            (0, in_h as usize)
-        };
-        let tmp = resample_horizontal(raw, in_w as usize, rows.0, rows.1, &horiz);
-        (tmp, new_w as usize, rows.0)
-    } else {
-        (raw.to_vec(), in_w as usize, 0)
+    let shrink_h = i64::from(in_h) - i64::from(new_h);
+    let shrink_w = i64::from(in_w) - i64::from(new_w);
+    let horizontal_first = match compat {
+        PillowCompat::Pillow12 => true,
+        PillowCompat::Pillow13 => !(shrink_h > 0 && shrink_h > shrink_w * 2),
     };
-    let pixels = if need_vertical {
-        resample_vertical(&buf, width, shift, &vert)
+    let raw: &[u8] = src.as_raw();
+    let pixels = if !need_vertical {
+        resample_horizontal(
+            raw,
+            in_w as usize,
+            0,
+            in_h as usize,
+            &precompute_coeffs(in_w, new_w),
+        )
+    } else if !need_horizontal {
+        resample_vertical(raw, in_w as usize, 0, &precompute_coeffs(in_h, new_h))
+    } else if horizontal_first {
+        let vert = precompute_coeffs(in_h, new_h);
+        // Only the source rows the vertical pass reads are resampled horizontally.
+        let first = vert.start[0];
+        let last = vert.start.len() - 1;
+        let end = vert.start[last] + vert.len[last];
+        let horiz = precompute_coeffs(in_w, new_w);
+        let tmp = resample_horizontal(raw, in_w as usize, first, end - first, &horiz);
+        resample_vertical(&tmp, new_w as usize, first, &vert)
     } else {
-        buf
+        let tmp = resample_vertical(raw, in_w as usize, 0, &precompute_coeffs(in_h, new_h));
+        resample_horizontal(
+            &tmp,
+            in_w as usize,
+            0,
+            new_h as usize,
+            &precompute_coeffs(in_w, new_w),
+        )
     };
     let mut out = RgbImage::new(new_w, new_h);
     let dst: &mut [u8] = &mut out;
