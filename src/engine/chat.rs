@@ -55,10 +55,10 @@ impl ChatTemplate {
             })
         };
         let (bos, eos) = (token_text("bos_token"), token_text("eos_token"));
-        if let Some(v) = read_json(&dir.join("chat_template.json"))? {
-            if let Some(src) = v.get("chat_template").and_then(|t| t.as_str()) {
-                return Self::new(src, bos, eos);
-            }
+        if let Some(v) = read_json(&dir.join("chat_template.json"))?
+            && let Some(src) = v.get("chat_template").and_then(|t| t.as_str())
+        {
+            return Self::new(src, bos, eos);
         }
         let jinja = dir.join("chat_template.jinja");
         if jinja.exists() {

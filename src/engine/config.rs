@@ -192,7 +192,7 @@ impl ModelConfig {
             )));
         }
         let mrope_section =
-            parse_mrope_section(merged.get("rope_scaling"), head_dim).map_err(|m| bad(m))?;
+            parse_mrope_section(merged.get("rope_scaling"), head_dim).map_err(bad)?;
         // The composite config carries tie_word_embeddings at the top level.
         let tie_word_embeddings = root
             .get("tie_word_embeddings")
@@ -222,13 +222,13 @@ impl ModelConfig {
             }
             None => return Err(bad("missing vision_config".into())),
         };
-        if vision.num_heads == 0 || vision.embed_dim % vision.num_heads != 0 {
+        if vision.num_heads == 0 || !vision.embed_dim.is_multiple_of(vision.num_heads) {
             return Err(bad(format!(
                 "vision_config: embed_dim {} is not divisible by num_heads {}",
                 vision.embed_dim, vision.num_heads
             )));
         }
-        if vision.head_dim() % 4 != 0 {
+        if !vision.head_dim().is_multiple_of(4) {
             return Err(bad(format!(
                 "vision_config: head dim {} must be a multiple of 4 for 2-D rotary embeddings",
                 vision.head_dim()

@@ -137,7 +137,12 @@ impl TokenSampler {
         let repetition_penalty = options
             .repetition_penalty
             .unwrap_or(defaults.repetition_penalty);
-        if !(temperature >= 0.0) || !(0.0..=1.0).contains(&top_p) || !(repetition_penalty > 0.0) {
+        let valid = temperature.is_finite()
+            && temperature >= 0.0
+            && (0.0..=1.0).contains(&top_p)
+            && repetition_penalty.is_finite()
+            && repetition_penalty > 0.0;
+        if !valid {
             return Err(EngineError::Option(format!(
                 "temperature {temperature} must be >= 0, top_p {top_p} in [0, 1], repetition_penalty {repetition_penalty} > 0"
             )));

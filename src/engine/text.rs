@@ -29,16 +29,17 @@ pub fn mrope_tables(
     let [st, sh, _] = cfg.mrope_section;
     let len = rows[0].len();
     let mut freqs = Vec::with_capacity(len * half);
-    for p in 0..len {
+    for ((&t, &h), &w) in rows[0].iter().zip(rows[1]).zip(rows[2]) {
+        let (t, h, w) = (t as f32, h as f32, w as f32);
         for (i, f) in inv_freq.iter().enumerate() {
-            let axis = if i < st {
-                0
+            let position = if i < st {
+                t
             } else if i < st + sh {
-                1
+                h
             } else {
-                2
+                w
             };
-            freqs.push(rows[axis][p] as f32 * f);
+            freqs.push(position * f);
         }
     }
     let freqs = Tensor::from_vec(freqs, (len, half), device)?;
