@@ -5,6 +5,7 @@
 //! Entry point: [`Qwen2Vl`].
 
 mod attention;
+pub mod bench;
 pub mod chat;
 pub mod config;
 pub mod error;
@@ -364,7 +365,7 @@ impl Qwen2Vl {
             let token = sampler.next(&logits, &context)?;
             generated.push(token);
             context.push(token);
-            if self.eos_ids.contains(&token) {
+            if !options.ignore_eos && self.eos_ids.contains(&token) {
                 finish = FinishReason::Eos(token);
                 break;
             }

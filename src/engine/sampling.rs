@@ -101,6 +101,8 @@ pub struct GenerationOptions {
     pub stop_strings: Vec<String>,
     /// How many of the largest first-position logits to report.
     pub top_logits: usize,
+    /// Keep going past end-of-sequence tokens (benchmarks measure a fixed number of tokens).
+    pub ignore_eos: bool,
 }
 
 impl Default for GenerationOptions {
@@ -115,6 +117,7 @@ impl Default for GenerationOptions {
             seed: 0,
             stop_strings: Vec::new(),
             top_logits: 0,
+            ignore_eos: false,
         }
     }
 }
