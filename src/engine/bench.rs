@@ -101,6 +101,8 @@ pub fn run(
             max_new_tokens: options.decode_tokens + 1,
             greedy: Some(true),
             ignore_eos: true,
+            // every run must pay for the whole prompt
+            reuse_cache: false,
             ..Default::default()
         };
         let (mut vision, mut prefill, mut decode) = (Vec::new(), Vec::new(), Vec::new());

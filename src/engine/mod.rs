@@ -11,6 +11,7 @@ pub mod config;
 pub mod error;
 pub mod image;
 pub mod processor;
+pub mod prefix;
 pub mod prompt;
 pub mod random;
 pub mod rope_index;
@@ -91,6 +92,8 @@ pub struct Generation {
     pub top_logits: Vec<(u32, f32)>,
     pub finish_reason: FinishReason,
     pub timings: Timings,
+    /// Prompt tokens whose keys and values were reused from the previous call.
+    pub reused_prompt_tokens: usize,
 }
 
 /// A loaded Qwen2-VL model with its tokenizer and processor.
@@ -104,6 +107,8 @@ pub struct Qwen2Vl {
     device: Device,
     dtype: DType,
     dir: PathBuf,
+    /// What the decoder's KV cache holds, for reuse by the next call.
+    cached: prefix::CachedPrefix,
 }
 
 impl Qwen2Vl {
@@ -233,6 +238,7 @@ impl Qwen2Vl {
             device: options.device.clone(),
             dtype: options.dtype,
             dir: dir.to_path_buf(),
+            cached: prefix::CachedPrefix::default(),
         })
     }
 
@@ -335,25 +341,59 @@ impl Qwen2Vl {
         }
         let prepared = self.prepare(prompt)?;
         let mut sampler = TokenSampler::new(options, &self.generation_config)?;
+        let ids = &prepared.input_ids;
 
+        // Reuse what the KV cache holds of this prompt's beginning (same tokens, same pixels).
+        let special = self.processor.special_tokens();
+        let image_hashes: Vec<u64> = prepared.images.iter().map(prefix::media_hash).collect();
+        let video_hashes: Vec<u64> = prepared.videos.iter().map(prefix::media_hash).collect();
+        let spans = prefix::media_spans(
+            ids,
+            special.image_pad.1,
+            special.video_pad.1,
+            &image_hashes,
+            &video_hashes,
+        );
+        let reused = if options.reuse_cache {
+            self.cached.reusable(ids, &spans)
+        } else {
+            0
+        };
+        self.cached = prefix::CachedPrefix::default();
+        self.text.truncate_cache(reused);
+
+        // Only media after the reused prefix go through the vision tower.
         let vision_start = Instant::now();
-        let image_embeds = self.encode_media(&prepared.images)?;
-        let video_embeds = self.encode_media(&prepared.videos)?;
+        let starts_of = |pad: u32| -> Vec<usize> {
+            spans.iter().filter(|s| ids[s.start] == pad).map(|s| s.start).collect()
+        };
+        let after_prefix = |media: &[PatchedMedia], starts: Vec<usize>| -> Vec<PatchedMedia> {
+            media
+                .iter()
+                .zip(starts)
+                .filter(|(_, start)| *start >= reused)
+                .map(|(m, _)| m.clone())
+                .collect()
+        };
+        let new_images = after_prefix(&prepared.images, starts_of(special.image_pad.1));
+        let new_videos = after_prefix(&prepared.videos, starts_of(special.video_pad.1));
+        let image_embeds = self.encode_media(&new_images)?;
+        let video_embeds = self.encode_media(&new_videos)?;
         let vision_s = vision_start.elapsed().as_secs_f64();
 
         let prefill_start = Instant::now();
-        let ids = &prepared.input_ids;
-        let embeds = self.input_embeddings(ids, image_embeds.as_ref(), video_embeds.as_ref())?;
+        let tail = &ids[reused..];
+        let embeds = self.input_embeddings(tail, image_embeds.as_ref(), video_embeds.as_ref())?;
         let rows = &prepared.positions.rows;
         let rope = text::mrope_tables(
             &self.config.text,
-            [&rows[0], &rows[1], &rows[2]],
+            [&rows[0][reused..], &rows[1][reused..], &rows[2][reused..]],
             self.dtype,
             &self.device,
         )?;
-        self.text.reset(ids.len() + options.max_new_tokens);
         let mut logits = self.text.forward(&embeds, &rope)?;
         let prefill_s = prefill_start.elapsed().as_secs_f64();
+        let mut fed: Vec<u32> = ids.clone();
 
         let top_logits = sampling::top_k_logits(&logits, options.top_logits)?;
         let mut context = ids.clone();
@@ -388,7 +428,9 @@ impl Qwen2Vl {
                 .text
                 .embed(&Tensor::new(&[token], &self.device)?.unsqueeze(0)?)?;
             logits = self.text.forward(&embed, &rope)?;
+            fed.push(token);
         }
+        self.cached = prefix::CachedPrefix { ids: fed, media: spans };
         let decode_s = decode_start.elapsed().as_secs_f64();
         let text_ids: Vec<u32> = generated
             .iter()
@@ -414,6 +456,7 @@ impl Qwen2Vl {
                     0.0
                 },
             },
+            reused_prompt_tokens: reused,
         })
     }
 

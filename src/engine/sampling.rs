@@ -103,6 +103,8 @@ pub struct GenerationOptions {
     pub top_logits: usize,
     /// Keep going past end-of-sequence tokens (benchmarks measure a fixed number of tokens).
     pub ignore_eos: bool,
+    /// Reuse the KV cache of the previous call for a prompt that starts the same way.
+    pub reuse_cache: bool,
 }
 
 impl Default for GenerationOptions {
@@ -118,6 +120,7 @@ impl Default for GenerationOptions {
             stop_strings: Vec::new(),
             top_logits: 0,
             ignore_eos: false,
+            reuse_cache: true,
         }
     }
 }

@@ -3,11 +3,66 @@
 //! with the real context, and logits for the last position only.
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::kv_cache::KvCache;
 use candle_nn::{Embedding, Linear, RmsNorm, VarBuilder};
 
 use super::attention;
 use super::config::TextConfig;
+
+/// Keys and values of one layer for the positions seen so far, `(1, len, kv_heads, head_dim)`,
+/// in a buffer that grows by doubling and can be cut back to a prefix (to reuse it across turns).
+#[derive(Debug, Default)]
+pub struct KvCache {
+    k: Option<Tensor>,
+    v: Option<Tensor>,
+    len: usize,
+}
+
+impl KvCache {
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Forgets everything after the first `len` positions.
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+
+    fn grow(buffer: &mut Option<Tensor>, used: usize, src: &Tensor, needed: usize) -> candle_core::Result<()> {
+        let capacity = buffer.as_ref().map_or(0, |b| b.dim(1).unwrap_or(0));
+        if needed <= capacity {
+            return Ok(());
+        }
+        let mut shape = src.dims().to_vec();
+        shape[1] = needed.max(capacity * 2);
+        let bigger = Tensor::zeros(shape, src.dtype(), src.device())?;
+        if let Some(old) = buffer.as_ref()
+            && used > 0
+        {
+            bigger.slice_set(&old.narrow(1, 0, used)?, 1, 0)?;
+        }
+        *buffer = Some(bigger);
+        Ok(())
+    }
+
+    /// Appends `k`, `v` `(1, s, kv_heads, d)` and returns everything cached.
+    pub fn append(&mut self, k: &Tensor, v: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
+        let s = k.dim(1)?;
+        let needed = self.len + s;
+        Self::grow(&mut self.k, self.len, k, needed)?;
+        Self::grow(&mut self.v, self.len, v, needed)?;
+        let (Some(kb), Some(vb)) = (self.k.as_ref(), self.v.as_ref()) else {
+            candle_core::bail!("KV cache buffers missing after growing");
+        };
+        kb.slice_set(&k.contiguous()?, 1, self.len)?;
+        vb.slice_set(&v.contiguous()?, 1, self.len)?;
+        self.len = needed;
+        Ok((kb.narrow(1, 0, self.len)?, vb.narrow(1, 0, self.len)?))
+    }
+}
 
 /// cos/sin tables for M-RoPE: `(len, head_dim/2)` each, in the model dtype.
 pub struct RotaryTables {
@@ -94,7 +149,7 @@ impl Attention {
             .reshape((b, s, self.num_kv_heads, self.head_dim))?;
         let q = candle_nn::rotary_emb::rope_thd(&q.contiguous()?, &rope.cos, &rope.sin)?;
         let k = candle_nn::rotary_emb::rope_thd(&k.contiguous()?, &rope.cos, &rope.sin)?;
-        let (k, v) = cache.append(&k, &v.contiguous()?)?;
+        let (k, v) = cache.append(&k, &v)?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         let out = attention::causal(&q, &k, &v, scale)?;
         self.o_proj
@@ -189,23 +244,27 @@ impl TextModel {
         self.embed.forward(ids)
     }
 
-    /// Clears the KV cache and sizes it for `capacity` positions.
-    pub fn reset(&mut self, capacity: usize) {
-        self.caches = (0..self.layers.len())
-            .map(|_| KvCache::new(1, capacity.max(1)))
-            .collect();
+    /// Keeps the first `len` cached positions and forgets the rest (0 clears the cache; the
+    /// buffers are kept for reuse).
+    pub fn truncate_cache(&mut self, len: usize) {
+        if self.caches.len() != self.layers.len() {
+            self.caches = (0..self.layers.len()).map(|_| KvCache::default()).collect();
+        }
+        for cache in &mut self.caches {
+            cache.truncate(len);
+        }
     }
 
     /// Number of positions in the KV cache.
     pub fn cached_len(&self) -> usize {
-        self.caches.first().map_or(0, KvCache::current_seq_len)
+        self.caches.first().map_or(0, KvCache::len)
     }
 
     /// Runs `embeds` `(1, len, hidden)` through the decoder after what is cached, appends to the
     /// cache, and returns the logits of the last position `(vocab,)` in f32.
     pub fn forward(&mut self, embeds: &Tensor, rope: &RotaryTables) -> candle_core::Result<Tensor> {
         if self.caches.len() != self.layers.len() {
-            self.reset(embeds.dim(1)?);
+            self.truncate_cache(0);
         }
         let mut x = embeds.clone();
         for (layer, cache) in self.layers.iter().zip(self.caches.iter_mut()) {
