@@ -4,6 +4,15 @@
 set -euo pipefail
 
 packages=(build-essential pkg-config ca-certificates curl git python3 nodejs npm)
+# Desktop environment: xcap links pipewire, wayland, gbm/EGL and xcb on Linux (no feature turns
+# them off; bindgen needs libclang-dev's headers); enigo's X11 backend needs nothing more.
+packages+=(libclang-dev libwayland-dev libpipewire-0.3-dev libgbm-dev libegl-dev libxcb1-dev libx11-dev)
+# Desktop tests: a private X server, a window manager, X tools (xprop, xrandr, xrdb, xsetroot) and
+# real toolkit apps (Tk through Debian's python3, zenity for GTK), CJK glyphs for screenshots.
+packages+=(xvfb xauth x11-utils x11-xserver-utils openbox python3-tk zenity fonts-wqy-zenhei)
+# The real adb client and server (1.0.41 on Debian 12): the Android tests drive the fake device
+# with it to prove the fake speaks the real protocol.
+packages+=(adb)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -4,6 +4,8 @@
 //! actions; environments perform them.
 
 pub mod action;
+pub mod agent;
 pub mod engine;
 pub mod environment;
+pub mod model;
 pub mod protocol;

@@ -18,8 +18,23 @@ struct Cli {
 enum Command {
     /// Generate a completion with the embedded Qwen2-VL engine.
     Generate(cli::generate::GenerateArgs),
+    /// Time one agent step (vision, prefill, decode) and peak memory at native screenshot sizes.
+    Bench(cli::bench::BenchArgs),
     /// Parse one model reply into actions; prints JSON (exit 0 even when the reply has errors).
     Parse(cli::parse::ParseArgs),
+    /// Run a task: observe, ask the model, act, until done (exit 0 finished, 1 error, 3 needs
+    /// the user, 4 gave up, 5 stopped).
+    Run(cli::run::RunArgs),
+    /// Perform a recorded run's actions again, without a model (--verify: stop on drift).
+    Replay(cli::replay::ReplayArgs),
+    /// List monitors, windows and Android devices.
+    Devices(cli::devices::DevicesArgs),
+    /// Save a screenshot of a monitor, a window or an Android device as PNG.
+    Screenshot(cli::screenshot::ScreenshotArgs),
+    /// Perform typed actions (the JSON `vlad parse` prints) on a screen; points in its pixels.
+    Do(cli::do_action::DoArgs),
+    /// Click markers on screen and report where the clicks landed (offset and scale, JSON).
+    Calibrate(cli::calibrate::CalibrateArgs),
 }
 
 fn main() -> ExitCode {
@@ -33,7 +48,14 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Generate(args) => cli::generate::run(args),
+        Command::Bench(args) => cli::bench::run(args),
         Command::Parse(args) => cli::parse::run(args),
+        Command::Run(args) => return cli::run::main(args),
+        Command::Replay(args) => return cli::replay::main(args),
+        Command::Devices(args) => cli::devices::run(args),
+        Command::Screenshot(args) => cli::screenshot::run(args),
+        Command::Do(args) => cli::do_action::run(args),
+        Command::Calibrate(args) => cli::calibrate::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

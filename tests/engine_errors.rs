@@ -52,7 +52,8 @@ fn missing_files_are_named() {
         if file == "chat_template.json" {
             // the template may also live in tokenizer_config.json: take it out there too
             let path = dir.path().join("tokenizer_config.json");
-            let mut cfg: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+            let mut cfg: Value =
+                serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
             cfg.as_object_mut().unwrap().remove("chat_template");
             std::fs::write(&path, cfg.to_string()).unwrap();
         }

@@ -6,7 +6,7 @@ use std::process::Command;
 
 use candle_core::DType;
 use serde_json::Value;
-use vlad::engine::{FinishReason, GenerationOptions, LoadOptions, Prompt, Qwen2Vl};
+use vlad::engine::{Content, FinishReason, GenerationOptions, LoadOptions, Message, Part, Prompt, Qwen2Vl};
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/engine")
@@ -219,4 +219,93 @@ fn cli_generate_streams_text_with_prompt_and_image() {
         text.trim_end_matches('\n'),
         c["greedy_text"].as_str().unwrap()
     );
+}
+
+#[test]
+fn cli_bench_reports_one_row_per_size() {
+    let out = Command::new(env!("CARGO_BIN_EXE_vlad"))
+        .args(["bench", "--config"])
+        .arg(fixtures().join("tiny-b"))
+        .args(["--sizes", "64x64,333x217", "--decode-tokens", "3", "--dtype", "f32", "--runs", "0", "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let rows: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let rows = rows.as_array().unwrap();
+    assert_eq!(rows.len(), 2);
+    assert_eq!(rows[1]["size"], "333x217");
+    // the grid the reference processor gives this size (cases.json: image_333x217_tiny-b)
+    assert_eq!(rows[1]["grid_thw"], serde_json::json!([1, 16, 24]));
+    for row in rows {
+        for key in ["vision_s", "prefill_s", "decode_tokens_per_s", "step_s"] {
+            assert!(row[key].as_f64().unwrap() > 0.0, "{key}: {row}");
+        }
+    }
+    let bad = Command::new(env!("CARGO_BIN_EXE_vlad"))
+        .args(["bench", "--sizes", "640", "--config"])
+        .arg(fixtures().join("tiny-b"))
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("WIDTHxHEIGHT"));
+}
+
+/// Runs `prompt` on `model` and on a freshly loaded copy; both must agree.
+fn assert_same_as_fresh(model: &mut Qwen2Vl, prompt: &Prompt, name: &str) -> vlad::engine::Generation {
+    let options = GenerationOptions {
+        top_logits: 5,
+        ..greedy(6)
+    };
+    let reused = model.generate(prompt, &options, |_| {}).unwrap();
+    let mut fresh_model = load(name, DType::F32);
+    let fresh = fresh_model.generate(prompt, &options, |_| {}).unwrap();
+    assert_eq!(fresh.reused_prompt_tokens, 0);
+    assert_eq!(reused.token_ids, fresh.token_ids);
+    for ((a_id, a), (b_id, b)) in reused.top_logits.iter().zip(&fresh.top_logits) {
+        assert_eq!(a_id, b_id);
+        assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0), "{a} vs {b}");
+    }
+    reused
+}
+
+#[test]
+fn kv_cache_of_the_common_prefix_is_reused_across_calls() {
+    let c = case("images_two_turns");
+    let mut model = load("tiny-a", DType::F32);
+    let mut prompt = Prompt::from_json_messages(&c["messages"], &fixtures()).unwrap();
+    let first = model.generate(&prompt, &greedy(6), |_| {}).unwrap();
+    assert_eq!(first.reused_prompt_tokens, 0);
+
+    // The agent's next step: the reply continues with a result and a new screenshot.
+    let img = |name: &str| {
+        std::sync::Arc::new(vlad::engine::image::load_rgb(fixtures().join("media").join(name)).unwrap())
+    };
+    prompt.messages.push(Message::text("assistant", first.text.clone()));
+    prompt.messages.push(Message::parts(
+        "user",
+        vec![Part::Image(img("img_120x90.png")), Part::Text("And now?".into())],
+    ));
+    let second = assert_same_as_fresh(&mut model, &prompt, "tiny-a");
+    let prompt_len = first.prompt_token_ids.len();
+    assert!(
+        second.reused_prompt_tokens >= prompt_len,
+        "reused {} of a {prompt_len}-token prefix",
+        second.reused_prompt_tokens
+    );
+
+    // Replace the first image by another picture of the same size: same tokens, other pixels.
+    let mut changed = prompt.clone();
+    let Content::Parts(parts) = &mut changed.messages[0].content else { panic!("parts") };
+    let pos = parts.iter().position(|p| matches!(p, Part::Image(_))).unwrap();
+    let Part::Image(old) = &parts[pos] else { unreachable!() };
+    let mut other = (**old).clone();
+    other.pixels_mut().for_each(|p| p.0 = [255 - p.0[0], p.0[1], p.0[2]]);
+    parts[pos] = Part::Image(std::sync::Arc::new(other));
+    let third = assert_same_as_fresh(&mut model, &changed, "tiny-a");
+    let first_pad = third
+        .prompt_token_ids
+        .iter()
+        .position(|&t| t == model.config().image_token_id.unwrap())
+        .unwrap();
+    assert!(third.reused_prompt_tokens <= first_pad, "reuse must stop before the changed image");
 }

@@ -109,6 +109,8 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         seed: args.seed,
         stop_strings: args.stop.clone(),
         top_logits: args.top_logits,
+        ignore_eos: false,
+        reuse_cache: true,
     };
     let stream = !args.json;
     let mut stdout = std::io::stdout().lock();

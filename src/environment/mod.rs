@@ -6,6 +6,8 @@
 //! that into input coordinates (monitor origin, HiDPI scale), exactly once. The protocol layer maps
 //! model coordinates into screenshot pixels.
 
+pub mod android;
+pub mod desktop;
 pub mod virtual_screen;
 
 use image::RgbImage;
@@ -51,9 +53,13 @@ impl Observation {
 pub enum Outcome {
     Done,
     /// Not performed on purpose (not supported here, not allowed); the reason says which.
-    Refused { reason: String },
+    Refused {
+        reason: String,
+    },
     /// Tried and failed; the environment is usable again.
-    Failed { reason: String },
+    Failed {
+        reason: String,
+    },
 }
 
 /// A short account of an environment for logs, prompts and `vlad devices`.

@@ -23,7 +23,14 @@ pub struct Widget {
 }
 
 impl Widget {
-    pub fn new(name: impl Into<String>, x: u32, y: u32, width: u32, height: u32, color: [u8; 3]) -> Self {
+    pub fn new(
+        name: impl Into<String>,
+        x: u32,
+        y: u32,
+        width: u32,
+        height: u32,
+        color: [u8; 3],
+    ) -> Self {
         Self {
             name: name.into(),
             x,
@@ -89,9 +96,18 @@ impl VirtualScreen {
             let fill = Rgb([shade(w.color[0]), shade(w.color[1]), shade(w.color[2])]);
             for y in w.y..(w.y + w.height).min(self.height) {
                 for x in w.x..(w.x + w.width).min(self.width) {
-                    let border = x == w.x || y == w.y || x + 1 == w.x + w.width || y + 1 == w.y + w.height;
+                    let border =
+                        x == w.x || y == w.y || x + 1 == w.x + w.width || y + 1 == w.y + w.height;
                     let focused = self.focus == Some(i);
-                    img.put_pixel(x, y, if border && focused { Rgb([0, 0, 255]) } else { fill });
+                    img.put_pixel(
+                        x,
+                        y,
+                        if border && focused {
+                            Rgb([0, 0, 255])
+                        } else {
+                            fill
+                        },
+                    );
                 }
             }
             // Typed text shows as one dark pixel column per character, so text changes the image.
@@ -134,7 +150,10 @@ impl Environment for VirtualScreen {
     fn perform(&mut self, action: &Action) -> Result<Outcome, EnvironmentError> {
         self.actions.push(action.clone());
         let outside = |x: i32, y: i32| Outcome::Failed {
-            reason: format!("({x}, {y}) is outside the {}x{} screen", self.width, self.height),
+            reason: format!(
+                "({x}, {y}) is outside the {}x{} screen",
+                self.width, self.height
+            ),
         };
         let outcome = match action {
             Action::Click { x, y }
@@ -147,7 +166,12 @@ impl Environment for VirtualScreen {
                 self.click(*x, *y);
                 Outcome::Done
             }
-            Action::Drag { x, y, to_x, to_y, .. } | Action::Swipe { x, y, to_x, to_y, .. } => {
+            Action::Drag {
+                x, y, to_x, to_y, ..
+            }
+            | Action::Swipe {
+                x, y, to_x, to_y, ..
+            } => {
                 if !self.in_bounds(*x, *y) {
                     return Ok(outside(*x, *y));
                 }
@@ -171,9 +195,11 @@ impl Environment for VirtualScreen {
                     reason: "no field has focus; click one first".into(),
                 },
             },
-            Action::Key { .. } | Action::Enter | Action::Home | Action::Back | Action::AppSwitch => {
-                Outcome::Done
-            }
+            Action::Key { .. }
+            | Action::Enter
+            | Action::Home
+            | Action::Back
+            | Action::AppSwitch => Outcome::Done,
             Action::Wait { .. } => Outcome::Done,
             Action::OpenApp { name } => Outcome::Refused {
                 reason: format!("the virtual screen has no apps (asked for {name:?})"),
@@ -212,7 +238,10 @@ mod tests {
     fn click_focuses_and_changes_the_screen() {
         let mut s = screen();
         let before = s.observe().unwrap().screenshot;
-        assert_eq!(s.perform(&Action::Click { x: 160, y: 70 }).unwrap(), Outcome::Done);
+        assert_eq!(
+            s.perform(&Action::Click { x: 160, y: 70 }).unwrap(),
+            Outcome::Done
+        );
         assert_eq!(s.widget("ok").unwrap().clicks, 1);
         assert_ne!(before, s.observe().unwrap().screenshot);
     }
@@ -220,7 +249,9 @@ mod tests {
     #[test]
     fn typing_goes_to_the_focused_field() {
         let mut s = screen();
-        let typed = Action::Type { text: "héllo".into() };
+        let typed = Action::Type {
+            text: "héllo".into(),
+        };
         assert!(matches!(s.perform(&typed).unwrap(), Outcome::Failed { .. }));
         s.perform(&Action::Click { x: 20, y: 15 }).unwrap();
         assert_eq!(s.perform(&typed).unwrap(), Outcome::Done);
@@ -231,6 +262,9 @@ mod tests {
     #[test]
     fn points_outside_the_screen_fail() {
         let mut s = screen();
-        assert!(matches!(s.perform(&Action::Click { x: 200, y: 5 }).unwrap(), Outcome::Failed { .. }));
+        assert!(matches!(
+            s.perform(&Action::Click { x: 200, y: 5 }).unwrap(),
+            Outcome::Failed { .. }
+        ));
     }
 }

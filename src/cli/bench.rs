@@ -1,0 +1,136 @@
+//! `vlad bench`: time one agent step (vision, prefill, decode) at native screenshot sizes.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use clap::Args;
+
+use vlad::engine::bench::{self, BenchOptions};
+use vlad::engine::config::{ModelConfig, QWEN2_VL_2B_CONFIG, QWEN2_VL_7B_CONFIG};
+use vlad::engine::{LoadOptions, Qwen2Vl};
+
+use super::{DeviceArg, DtypeArg};
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// `2b` or `7b` (the released shapes with random weights, no download) or a model folder.
+    #[arg(long, default_value = "2b")]
+    config: String,
+    /// Tokenizer folder for `2b`/`7b` (tokenizer.json + chat template), e.g. the one
+    /// scripts/build-qwen2vl-tokenizer.sh builds.
+    #[arg(long, default_value = "tests/data/qwen2vl-tokenizer")]
+    tokenizer: PathBuf,
+    /// Screenshot sizes, comma-separated WIDTHxHEIGHT.
+    #[arg(long, default_value = "640x360,1280x720,1920x1080", value_delimiter = ',')]
+    sizes: Vec<String>,
+    #[arg(long, value_enum, default_value = "bf16")]
+    dtype: DtypeArg,
+    #[arg(long, value_enum, default_value = "cpu")]
+    device: DeviceArg,
+    /// Decode steps to time after the prefill.
+    #[arg(long, default_value_t = 16)]
+    decode_tokens: usize,
+    /// Timed runs per size after one warm-up (0: time the warm-up run only).
+    #[arg(long, default_value_t = 1)]
+    runs: usize,
+    /// Largest image area in pixels (default: the released checkpoints' 12,845,056).
+    #[arg(long, default_value_t = 12_845_056)]
+    max_pixels: u64,
+    /// One JSON list of rows on stdout instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+fn parse_size(s: &str) -> anyhow::Result<(u32, u32)> {
+    let (w, h) = s
+        .trim()
+        .split_once('x')
+        .with_context(|| format!("size {s:?} must be WIDTHxHEIGHT, e.g. 1920x1080"))?;
+    let w: u32 = w.parse().with_context(|| format!("bad width in {s:?}"))?;
+    let h: u32 = h.parse().with_context(|| format!("bad height in {s:?}"))?;
+    if w < 28 || h < 28 {
+        bail!("size {s:?} is smaller than one 28x28 block");
+    }
+    Ok((w, h))
+}
+
+pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+    let sizes = args
+        .sizes
+        .iter()
+        .map(|s| parse_size(s))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let load = LoadOptions {
+        dtype: args.dtype.into(),
+        device: args.device.open()?,
+        min_pixels: None,
+        max_pixels: Some(args.max_pixels),
+    };
+    let random_config = match args.config.as_str() {
+        "2b" => Some(QWEN2_VL_2B_CONFIG),
+        "7b" => Some(QWEN2_VL_7B_CONFIG),
+        _ => None,
+    };
+    let start = std::time::Instant::now();
+    let mut model = match random_config {
+        Some(json) => {
+            if !args.tokenizer.join("tokenizer.json").exists() {
+                bail!(
+                    "{} has no tokenizer.json: build it with scripts/build-qwen2vl-tokenizer.sh or pass --tokenizer DIR",
+                    args.tokenizer.display()
+                );
+            }
+            let config = ModelConfig::from_json_str(json, Path::new(&args.config))?;
+            Qwen2Vl::with_random_weights(config, &args.tokenizer, &load)?
+        }
+        None => Qwen2Vl::load(&args.config, &load)
+            .with_context(|| format!("cannot load model {}", args.config))?,
+    };
+    eprintln!(
+        "model {} ({:?}) ready in {:.1} s",
+        args.config,
+        args.dtype,
+        start.elapsed().as_secs_f64()
+    );
+    let options = BenchOptions {
+        sizes,
+        decode_tokens: args.decode_tokens,
+        runs: args.runs,
+    };
+    let json = args.json;
+    let mut stdout = std::io::stdout().lock();
+    if !json {
+        writeln!(
+            stdout,
+            "{:>10} {:>12} {:>7} {:>9} {:>10} {:>11} {:>8} {:>10}",
+            "size", "grid t,h,w", "tokens", "vision_s", "prefill_s", "decode_tok/s", "step_s", "peak_rss"
+        )?;
+    }
+    let rows = bench::run(&mut model, &options, |row| {
+        if !json {
+            let rss = match row.peak_rss_bytes {
+                Some(b) if b >= 1 << 30 => format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64),
+                Some(b) => format!("{:.0} MiB", b as f64 / (1u64 << 20) as f64),
+                None => "-".into(),
+            };
+            let [t, h, w] = row.grid_thw;
+            let _ = writeln!(
+                stdout,
+                "{:>10} {:>12} {:>7} {:>9.2} {:>10.2} {:>11.2} {:>8.2} {:>10}",
+                row.size,
+                format!("{t},{h},{w}"),
+                row.prompt_tokens,
+                row.vision_s,
+                row.prefill_s,
+                row.decode_tokens_per_s,
+                row.step_s,
+                rss
+            );
+        }
+    })?;
+    if json {
+        writeln!(stdout, "{}", serde_json::to_string(&rows)?)?;
+    }
+    Ok(())
+}
