@@ -6,7 +6,9 @@ use std::process::Command;
 
 use candle_core::DType;
 use serde_json::Value;
-use vlad::engine::{Content, FinishReason, GenerationOptions, LoadOptions, Message, Part, Prompt, Qwen2Vl};
+use vlad::engine::{
+    Content, FinishReason, GenerationOptions, LoadOptions, Message, Part, Prompt, Qwen2Vl,
+};
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/engine")
@@ -226,10 +228,24 @@ fn cli_bench_reports_one_row_per_size() {
     let out = Command::new(env!("CARGO_BIN_EXE_vlad"))
         .args(["bench", "--config"])
         .arg(fixtures().join("tiny-b"))
-        .args(["--sizes", "64x64,333x217", "--decode-tokens", "3", "--dtype", "f32", "--runs", "0", "--json"])
+        .args([
+            "--sizes",
+            "64x64,333x217",
+            "--decode-tokens",
+            "3",
+            "--dtype",
+            "f32",
+            "--runs",
+            "0",
+            "--json",
+        ])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let rows: Value = serde_json::from_slice(&out.stdout).unwrap();
     let rows = rows.as_array().unwrap();
     assert_eq!(rows.len(), 2);
@@ -251,7 +267,11 @@ fn cli_bench_reports_one_row_per_size() {
 }
 
 /// Runs `prompt` on `model` and on a freshly loaded copy; both must agree.
-fn assert_same_as_fresh(model: &mut Qwen2Vl, prompt: &Prompt, name: &str) -> vlad::engine::Generation {
+fn assert_same_as_fresh(
+    model: &mut Qwen2Vl,
+    prompt: &Prompt,
+    name: &str,
+) -> vlad::engine::Generation {
     let options = GenerationOptions {
         top_logits: 5,
         ..greedy(6)
@@ -278,12 +298,19 @@ fn kv_cache_of_the_common_prefix_is_reused_across_calls() {
 
     // The agent's next step: the reply continues with a result and a new screenshot.
     let img = |name: &str| {
-        std::sync::Arc::new(vlad::engine::image::load_rgb(fixtures().join("media").join(name)).unwrap())
+        std::sync::Arc::new(
+            vlad::engine::image::load_rgb(fixtures().join("media").join(name)).unwrap(),
+        )
     };
-    prompt.messages.push(Message::text("assistant", first.text.clone()));
+    prompt
+        .messages
+        .push(Message::text("assistant", first.text.clone()));
     prompt.messages.push(Message::parts(
         "user",
-        vec![Part::Image(img("img_120x90.png")), Part::Text("And now?".into())],
+        vec![
+            Part::Image(img("img_120x90.png")),
+            Part::Text("And now?".into()),
+        ],
     ));
     let second = assert_same_as_fresh(&mut model, &prompt, "tiny-a");
     let prompt_len = first.prompt_token_ids.len();
@@ -295,11 +322,20 @@ fn kv_cache_of_the_common_prefix_is_reused_across_calls() {
 
     // Replace the first image by another picture of the same size: same tokens, other pixels.
     let mut changed = prompt.clone();
-    let Content::Parts(parts) = &mut changed.messages[0].content else { panic!("parts") };
-    let pos = parts.iter().position(|p| matches!(p, Part::Image(_))).unwrap();
-    let Part::Image(old) = &parts[pos] else { unreachable!() };
+    let Content::Parts(parts) = &mut changed.messages[0].content else {
+        panic!("parts")
+    };
+    let pos = parts
+        .iter()
+        .position(|p| matches!(p, Part::Image(_)))
+        .unwrap();
+    let Part::Image(old) = &parts[pos] else {
+        unreachable!()
+    };
     let mut other = (**old).clone();
-    other.pixels_mut().for_each(|p| p.0 = [255 - p.0[0], p.0[1], p.0[2]]);
+    other
+        .pixels_mut()
+        .for_each(|p| p.0 = [255 - p.0[0], p.0[1], p.0[2]]);
     parts[pos] = Part::Image(std::sync::Arc::new(other));
     let third = assert_same_as_fresh(&mut model, &changed, "tiny-a");
     let first_pad = third
@@ -307,5 +343,8 @@ fn kv_cache_of_the_common_prefix_is_reused_across_calls() {
         .iter()
         .position(|&t| t == model.config().image_token_id.unwrap())
         .unwrap();
-    assert!(third.reused_prompt_tokens <= first_pad, "reuse must stop before the changed image");
+    assert!(
+        third.reused_prompt_tokens <= first_pad,
+        "reuse must stop before the changed image"
+    );
 }

@@ -22,7 +22,11 @@ pub struct BenchArgs {
     #[arg(long, default_value = "tests/data/qwen2vl-tokenizer")]
     tokenizer: PathBuf,
     /// Screenshot sizes, comma-separated WIDTHxHEIGHT.
-    #[arg(long, default_value = "640x360,1280x720,1920x1080", value_delimiter = ',')]
+    #[arg(
+        long,
+        default_value = "640x360,1280x720,1920x1080",
+        value_delimiter = ','
+    )]
     sizes: Vec<String>,
     #[arg(long, value_enum, default_value = "bf16")]
     dtype: DtypeArg,
@@ -104,7 +108,14 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         writeln!(
             stdout,
             "{:>10} {:>12} {:>7} {:>9} {:>10} {:>11} {:>8} {:>10}",
-            "size", "grid t,h,w", "tokens", "vision_s", "prefill_s", "decode_tok/s", "step_s", "peak_rss"
+            "size",
+            "grid t,h,w",
+            "tokens",
+            "vision_s",
+            "prefill_s",
+            "decode_tok/s",
+            "step_s",
+            "peak_rss"
         )?;
     }
     let rows = bench::run(&mut model, &options, |row| {

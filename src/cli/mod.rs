@@ -1,9 +1,9 @@
 //! Subcommand implementations of the binary (flag structs and glue; the work is in the library).
 
+pub mod bench;
 pub mod calibrate;
 pub mod devices;
 pub mod do_action;
-pub mod bench;
 pub mod generate;
 pub mod parse;
 pub mod replay;

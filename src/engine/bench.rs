@@ -86,7 +86,9 @@ pub fn run(
     mut on_row: impl FnMut(&BenchRow),
 ) -> Result<Vec<BenchRow>> {
     if options.decode_tokens == 0 {
-        return Err(EngineError::Option("--decode-tokens must be at least 1".into()));
+        return Err(EngineError::Option(
+            "--decode-tokens must be at least 1".into(),
+        ));
     }
     let mut rows = Vec::new();
     for &(w, h) in &options.sizes {
@@ -129,7 +131,13 @@ pub fn run(
             vision_s,
             prefill_s,
             decode_tokens_per_s: rate,
-            step_s: vision_s + prefill_s + if rate > 0.0 { 64.0 / rate } else { f64::INFINITY },
+            step_s: vision_s
+                + prefill_s
+                + if rate > 0.0 {
+                    64.0 / rate
+                } else {
+                    f64::INFINITY
+                },
             peak_rss_bytes: peak_rss_bytes(),
             timed_runs: options.runs.max(1),
         };

@@ -10,8 +10,8 @@ pub mod chat;
 pub mod config;
 pub mod error;
 pub mod image;
-pub mod processor;
 pub mod prefix;
+pub mod processor;
 pub mod prompt;
 pub mod random;
 pub mod rope_index;
@@ -365,7 +365,11 @@ impl Qwen2Vl {
         // Only media after the reused prefix go through the vision tower.
         let vision_start = Instant::now();
         let starts_of = |pad: u32| -> Vec<usize> {
-            spans.iter().filter(|s| ids[s.start] == pad).map(|s| s.start).collect()
+            spans
+                .iter()
+                .filter(|s| ids[s.start] == pad)
+                .map(|s| s.start)
+                .collect()
         };
         let after_prefix = |media: &[PatchedMedia], starts: Vec<usize>| -> Vec<PatchedMedia> {
             media
@@ -430,7 +434,10 @@ impl Qwen2Vl {
             logits = self.text.forward(&embed, &rope)?;
             fed.push(token);
         }
-        self.cached = prefix::CachedPrefix { ids: fed, media: spans };
+        self.cached = prefix::CachedPrefix {
+            ids: fed,
+            media: spans,
+        };
         let decode_s = decode_start.elapsed().as_secs_f64();
         let text_ids: Vec<u32> = generated
             .iter()

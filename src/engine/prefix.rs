@@ -27,7 +27,13 @@ pub fn media_hash(media: &PatchedMedia) -> u64 {
 
 /// Locates the media blocks of `ids`: runs of `pad_ids`, paired in order with `hashes` (images
 /// and videos are matched to their own pad id).
-pub fn media_spans(ids: &[u32], image_pad: u32, video_pad: u32, images: &[u64], videos: &[u64]) -> Vec<MediaSpan> {
+pub fn media_spans(
+    ids: &[u32],
+    image_pad: u32,
+    video_pad: u32,
+    images: &[u64],
+    videos: &[u64],
+) -> Vec<MediaSpan> {
     let mut spans = Vec::new();
     let (mut next_image, mut next_video) = (0, 0);
     let mut i = 0;
@@ -45,7 +51,11 @@ pub fn media_spans(ids: &[u32], image_pad: u32, video_pad: u32, images: &[u64], 
         match hash {
             Some(hash) => {
                 let len = ids[i..].iter().take_while(|&&x| x == id).count();
-                spans.push(MediaSpan { start: i, len, hash });
+                spans.push(MediaSpan {
+                    start: i,
+                    len,
+                    hash,
+                });
                 i += len;
             }
             None => i += 1,
@@ -108,9 +118,15 @@ mod tests {
             media: vec![span(1, 2, 11)],
         };
         // same image, longer conversation: everything cached is reused
-        assert_eq!(cached.reusable(&[1, 9, 9, 2, 3, 4, 5, 6], &[span(1, 2, 11)]), 6);
+        assert_eq!(
+            cached.reusable(&[1, 9, 9, 2, 3, 4, 5, 6], &[span(1, 2, 11)]),
+            6
+        );
         // a different picture with the same size: reuse stops before it
-        assert_eq!(cached.reusable(&[1, 9, 9, 2, 3, 4, 5], &[span(1, 2, 99)]), 1);
+        assert_eq!(
+            cached.reusable(&[1, 9, 9, 2, 3, 4, 5], &[span(1, 2, 99)]),
+            1
+        );
         // the same prompt again: one token is left to run
         assert_eq!(cached.reusable(&[1, 9, 9, 2, 3, 4], &[span(1, 2, 11)]), 5);
         // diverging text

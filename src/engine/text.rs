@@ -31,7 +31,12 @@ impl KvCache {
         self.len = self.len.min(len);
     }
 
-    fn grow(buffer: &mut Option<Tensor>, used: usize, src: &Tensor, needed: usize) -> candle_core::Result<()> {
+    fn grow(
+        buffer: &mut Option<Tensor>,
+        used: usize,
+        src: &Tensor,
+        needed: usize,
+    ) -> candle_core::Result<()> {
         let capacity = buffer.as_ref().map_or(0, |b| b.dim(1).unwrap_or(0));
         if needed <= capacity {
             return Ok(());
