@@ -3,7 +3,7 @@
 # is missing, a Rust toolchain through rustup. Safe to run again; skips what is already there.
 set -euo pipefail
 
-packages=(build-essential pkg-config ca-certificates curl git python3 nodejs npm)
+packages=(build-essential pkg-config ca-certificates curl git python3 python3-venv nodejs npm)
 # Desktop environment: xcap links pipewire, wayland, gbm/EGL and xcb on Linux (no feature turns
 # them off; bindgen needs libclang-dev's headers); enigo's X11 backend needs nothing more.
 packages+=(libclang-dev libwayland-dev libpipewire-0.3-dev libgbm-dev libegl-dev libxcb1-dev libx11-dev)

@@ -7,6 +7,10 @@ cd "$(dirname "$0")/.."
 ./scripts/install-deps.sh
 [[ -f "$HOME/.cargo/env" ]] && source "$HOME/.cargo/env"
 ./scripts/build-qwen2vl-tokenizer.sh
+# The official `openai` Python client, a real client of `vlad serve` (tests/daemon_api.rs).
+if ! .venv-openai/bin/python -c 'import openai' 2>/dev/null; then
+  python3 -m venv .venv-openai && .venv-openai/bin/pip install --quiet 'openai==3.57.0'
+fi
 
 # Examples must keep compiling; they are not tests, so build them first.
 cargo build --examples

@@ -5,6 +5,7 @@
 
 pub mod action;
 pub mod agent;
+pub mod daemon;
 pub mod engine;
 pub mod environment;
 pub mod model;

@@ -35,6 +35,9 @@ enum Command {
     Do(cli::do_action::DoArgs),
     /// Click markers on screen and report where the clicks landed (offset and scale, JSON).
     Calibrate(cli::calibrate::CalibrateArgs),
+    /// Serve the embedded engine over HTTP: an OpenAI-compatible chat-completions endpoint
+    /// behind a bearer token (stops on SIGTERM or Ctrl-C).
+    Serve(cli::serve::ServeArgs),
 }
 
 fn main() -> ExitCode {
@@ -56,6 +59,7 @@ fn main() -> ExitCode {
         Command::Screenshot(args) => cli::screenshot::run(args),
         Command::Do(args) => cli::do_action::run(args),
         Command::Calibrate(args) => cli::calibrate::run(args),
+        Command::Serve(args) => cli::serve::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -9,6 +9,7 @@ pub mod parse;
 pub mod replay;
 pub mod run;
 pub mod screenshot;
+pub mod serve;
 
 use candle_core::{DType, Device};
 

@@ -1,0 +1,85 @@
+//! `vlad serve`: flags of the daemon; the service is [`vlad::daemon`].
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use vlad::daemon::{self, AuthMode, ServeOptions};
+use vlad::engine::{self, LoadOptions};
+
+use super::{DeviceArg, DtypeArg};
+
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    /// Address to listen on (loopback by default; port 0 picks a free port).
+    #[arg(long, default_value = daemon::DEFAULT_LISTEN)]
+    listen: SocketAddr,
+    /// Model folder or Hugging Face hub id of a Qwen2-VL checkpoint.
+    #[arg(long, default_value = engine::DEFAULT_MODEL)]
+    model: String,
+    /// The name clients pass as "model" (default: the folder's name or the hub id).
+    #[arg(long)]
+    served_model_name: Option<String>,
+    #[arg(long, value_enum, default_value = "f32")]
+    dtype: DtypeArg,
+    #[arg(long, value_enum, default_value = "cpu")]
+    device: DeviceArg,
+    /// Serve without a bearer token (anyone who can reach the address can use the API).
+    #[arg(long)]
+    no_auth: bool,
+    /// Where the bearer token is kept (created with mode 0600 on first start; default
+    /// <config dir>/vlad/token).
+    #[arg(long, env = "VLAD_TOKEN_FILE", conflicts_with = "no_auth")]
+    token_file: Option<PathBuf>,
+    /// Accept image_url parts that are absolute local file paths (or file:// URLs).
+    #[arg(long)]
+    allow_local_files: bool,
+    /// Where task trajectories are written (default: the agent's run folder under the state dir).
+    #[arg(long, env = "VLAD_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Largest request body in MiB.
+    #[arg(long, default_value_t = daemon::DEFAULT_BODY_LIMIT >> 20)]
+    max_body_mb: usize,
+}
+
+pub fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let auth = if args.no_auth {
+        AuthMode::Disabled
+    } else {
+        match args.token_file {
+            Some(path) => AuthMode::TokenFile(path),
+            None => AuthMode::TokenFile(daemon::auth::default_token_path()?),
+        }
+    };
+    let token_path = match &auth {
+        AuthMode::TokenFile(p) => Some(p.clone()),
+        AuthMode::Disabled => None,
+    };
+    let options = ServeOptions {
+        listen: args.listen,
+        model: args.model,
+        served_model_name: args.served_model_name,
+        load: LoadOptions {
+            dtype: args.dtype.into(),
+            device: args.device.open()?,
+            min_pixels: None,
+            max_pixels: None,
+        },
+        auth,
+        allow_local_files: args.allow_local_files,
+        body_limit: args.max_body_mb.saturating_mul(1 << 20),
+        data_dir: args.data_dir,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(daemon::serve(options, |addr| {
+        match &token_path {
+            Some(p) => eprintln!("vlad serve: token in {}", p.display()),
+            None => eprintln!("vlad serve: authentication is off (--no-auth)"),
+        }
+        eprintln!("vlad serve: listening on http://{addr}");
+    }))?;
+    Ok(())
+}

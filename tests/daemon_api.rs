@@ -1,0 +1,520 @@
+//! `vlad serve` end to end: the real binary on a loopback port with the tiny-a checkpoint, driven
+//! by real clients — vlad's own OpenAI-compatible backend, the official `openai` Python client
+//! (installed into `.venv-openai` when missing), and plain HTTP for auth and malformed requests.
+//! Generated text is checked against the engine run in-process and the reference
+//! implementation's greedy text in `tests/fixtures/engine/cases.json`.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use base64::Engine as _;
+use serde_json::{Value, json};
+use vlad::engine::{GenerationOptions, LoadOptions, Prompt, Qwen2Vl};
+use vlad::model::{Model, OpenAiConfig, OpenAiModel};
+
+const CASE: &str = "image_333x217_tiny-a";
+const MAX_TOKENS: usize = 12;
+
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn fixtures() -> PathBuf {
+    root().join("tests/fixtures/engine")
+}
+
+fn case() -> Result<Value> {
+    let text = std::fs::read_to_string(fixtures().join("cases.json"))?;
+    let cases: Vec<Value> = serde_json::from_str(&text)?;
+    cases
+        .into_iter()
+        .find(|c| c["name"] == CASE)
+        .context("case missing from cases.json")
+}
+
+/// The greedy text of the case's prompt from the engine in this process.
+fn in_process_text() -> Result<String> {
+    let c = case()?;
+    let prompt = Prompt::from_json_messages(&c["messages"], &fixtures())?;
+    let mut model = Qwen2Vl::load_dir(&fixtures().join("tiny-a"), &LoadOptions::default())?;
+    let options = GenerationOptions {
+        max_new_tokens: MAX_TOKENS,
+        greedy: Some(true),
+        ..Default::default()
+    };
+    let text = model.generate(&prompt, &options, |_| {})?.text;
+    // The independent truth: the reference implementation's greedy text for the same prompt.
+    assert_eq!(text, c["greedy_text"].as_str().context("greedy_text")?);
+    Ok(text)
+}
+
+fn image_data_url() -> Result<String> {
+    let bytes = std::fs::read(fixtures().join("media/img_333x217.png"))?;
+    Ok(format!(
+        "data:image/png;base64,{}",
+        base64::engine::general_purpose::STANDARD.encode(bytes)
+    ))
+}
+
+/// A running `vlad serve`, killed on drop.
+struct Daemon {
+    child: Child,
+    url: String,
+    token: Option<String>,
+    dir: tempfile::TempDir,
+}
+
+impl Daemon {
+    /// Starts `vlad serve --listen 127.0.0.1:0 …` and waits for its "listening on" line.
+    fn start(model: &Path, extra: &[&str]) -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let token_file = dir.path().join("state/token");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_vlad"));
+        cmd.args(["serve", "--listen", "127.0.0.1:0", "--model"])
+            .arg(model)
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let no_auth = extra.contains(&"--no-auth");
+        if !no_auth {
+            cmd.arg("--token-file").arg(&token_file);
+        }
+        let mut child = cmd.spawn().context("cannot start vlad serve")?;
+        let stderr = child.stderr.take().context("no stderr")?;
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(|l| l.ok()) {
+                eprintln!("[daemon] {line}");
+                if let Some(url) = line.strip_prefix("vlad serve: listening on ") {
+                    let _ = tx.send(url.to_string());
+                }
+            }
+        });
+        let url = match rx.recv_timeout(Duration::from_secs(120)) {
+            Ok(u) => u,
+            Err(_) => {
+                let _ = child.kill();
+                bail!("vlad serve did not report its address within 120 s");
+            }
+        };
+        let token = if no_auth {
+            None
+        } else {
+            Some(std::fs::read_to_string(&token_file)?.trim().to_string())
+        };
+        Ok(Self {
+            child,
+            url,
+            token,
+            dir,
+        })
+    }
+
+    fn token_file(&self) -> PathBuf {
+        self.dir.path().join("state/token")
+    }
+
+    /// One HTTP request; returns the status and the body parsed as JSON.
+    fn request(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+        token: Option<&str>,
+    ) -> Result<(u16, Value)> {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(120)))
+            .build()
+            .into();
+        let url = format!("{}{path}", self.url);
+        let auth = token.map(|t| format!("Bearer {t}"));
+        let mut response = match (method, body) {
+            ("GET", _) => {
+                let mut r = agent.get(&url);
+                if let Some(a) = &auth {
+                    r = r.header("Authorization", a);
+                }
+                r.call()?
+            }
+            ("POST", body) => {
+                let mut r = agent.post(&url).header("Content-Type", "application/json");
+                if let Some(a) = &auth {
+                    r = r.header("Authorization", a);
+                }
+                r.send(body.unwrap_or(""))?
+            }
+            _ => bail!("unsupported method {method}"),
+        };
+        let status = response.status().as_u16();
+        let text = response.body_mut().read_to_string()?;
+        let value = serde_json::from_str(&text).with_context(|| {
+            format!("{method} {path}: HTTP {status} body is not JSON: {text:?}")
+        })?;
+        Ok((status, value))
+    }
+
+    /// Stops the daemon with SIGTERM and returns its exit status within `limit`.
+    fn terminate(mut self, limit: Duration) -> Result<std::process::ExitStatus> {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()?;
+        if !status.success() {
+            bail!("kill -TERM failed");
+        }
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            if let Some(s) = self.child.try_wait()? {
+                return Ok(s);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!("vlad serve did not stop within {limit:?} of SIGTERM")
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn tiny_a() -> PathBuf {
+    fixtures().join("tiny-a")
+}
+
+#[test]
+fn vlads_own_openai_backend_gets_the_engines_greedy_text_for_an_image() -> Result<()> {
+    let expected = in_process_text()?;
+    let daemon = Daemon::start(&tiny_a(), &[])?;
+    let c = case()?;
+    let prompt = Prompt::from_json_messages(&c["messages"], &fixtures())?;
+    let mut config = OpenAiConfig::new(format!("{}/v1", daemon.url), "tiny-a");
+    config.api_key = daemon.token.clone();
+    config.max_retries = 0;
+    let mut client = OpenAiModel::new(config)?;
+    let options = GenerationOptions {
+        max_new_tokens: MAX_TOKENS,
+        greedy: Some(true),
+        ..Default::default()
+    };
+    let completion = client.generate(&prompt, &options)?;
+    assert_eq!(completion.text, expected);
+    assert_eq!(completion.tokens, Some(MAX_TOKENS));
+    assert_eq!(completion.stop, vlad::model::StopReason::Length);
+    Ok(())
+}
+
+/// The venv with the official `openai` package, installed on first use.
+fn openai_python() -> Result<PathBuf> {
+    let venv = root().join(".venv-openai");
+    let python = venv.join("bin/python");
+    let has = |p: &Path| {
+        Command::new(p)
+            .args(["-c", "import openai"])
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if has(&python) {
+        return Ok(python);
+    }
+    let ok = Command::new("python3")
+        .args(["-m", "venv"])
+        .arg(&venv)
+        .status()
+        .is_ok_and(|s| s.success())
+        && Command::new(venv.join("bin/pip"))
+            .args(["install", "--quiet", "openai"])
+            .status()
+            .is_ok_and(|s| s.success());
+    if !ok || !has(&python) {
+        bail!(
+            "cannot install the `openai` Python package into {}; run `python3 -m venv .venv-openai && .venv-openai/bin/pip install openai` (needs python3-venv and PyPI access)",
+            venv.display()
+        );
+    }
+    Ok(python)
+}
+
+const PYTHON_CLIENT: &str = r#"
+import json, sys
+from openai import OpenAI
+base_url, key, image = sys.argv[1], sys.argv[2], sys.argv[3]
+client = OpenAI(base_url=base_url, api_key=key, max_retries=0)
+messages = [{"role": "user", "content": [
+    {"type": "image_url", "image_url": {"url": image}},
+    {"type": "text", "text": "Describe this image."},
+]}]
+r = client.chat.completions.create(model="tiny-a", messages=messages, max_tokens=12,
+                                   temperature=0, seed=7)
+out = {"text": r.choices[0].message.content, "finish": r.choices[0].finish_reason,
+       "usage": r.usage.model_dump(), "models": [m.id for m in client.models.list()]}
+pieces, finish, usage = [], None, None
+for chunk in client.chat.completions.create(model="tiny-a", messages=messages, max_tokens=12,
+                                            temperature=0, stream=True,
+                                            stream_options={"include_usage": True}):
+    if chunk.usage is not None:
+        usage = chunk.usage.model_dump()
+    for choice in chunk.choices:
+        if choice.delta.content:
+            pieces.append(choice.delta.content)
+        if choice.finish_reason:
+            finish = choice.finish_reason
+out.update(stream_pieces=pieces, stream_finish=finish, stream_usage=usage)
+try:
+    client.chat.completions.create(model="no-such-model", messages=messages, max_tokens=1)
+    out["unknown_model"] = None
+except Exception as e:
+    out["unknown_model"] = type(e).__name__
+print(json.dumps(out))
+"#;
+
+#[test]
+fn official_openai_python_client_streams_and_not_with_an_image() -> Result<()> {
+    let python = openai_python()?;
+    let expected = in_process_text()?;
+    let daemon = Daemon::start(&tiny_a(), &[])?;
+    let output = Command::new(python)
+        .args(["-c", PYTHON_CLIENT])
+        .arg(format!("{}/v1", daemon.url))
+        .arg(daemon.token.as_deref().context("token")?)
+        .arg(image_data_url()?)
+        .output()?;
+    if !output.status.success() {
+        bail!(
+            "the Python client failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    let out: Value = serde_json::from_slice(&output.stdout)?;
+    assert_eq!(out["text"], json!(expected));
+    assert_eq!(out["finish"], "length");
+    assert_eq!(out["usage"]["completion_tokens"], MAX_TOKENS);
+    let prompt_tokens = case()?["input_ids"]
+        .as_array()
+        .map(Vec::len)
+        .context("input_ids")?;
+    assert_eq!(out["usage"]["prompt_tokens"], prompt_tokens);
+    assert_eq!(out["models"], json!(["tiny-a"]));
+    let pieces: Vec<String> = serde_json::from_value(out["stream_pieces"].clone())?;
+    assert!(pieces.len() > 1, "the answer came in one piece: {pieces:?}");
+    assert_eq!(pieces.concat(), expected);
+    assert_eq!(out["stream_finish"], "length");
+    assert_eq!(out["stream_usage"], out["usage"]);
+    assert_eq!(out["unknown_model"], "NotFoundError");
+    Ok(())
+}
+
+#[test]
+fn requests_without_the_token_get_401_and_the_token_file_is_private() -> Result<()> {
+    let daemon = Daemon::start(&tiny_a(), &[])?;
+    let token = daemon.token.clone().context("token")?;
+    assert_eq!(token.len(), 64);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(daemon.token_file())?.permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "token file mode {mode:o}");
+    }
+    let chat = json!({"model": "tiny-a", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}).to_string();
+    for (path, body) in [
+        ("/v1/models", None),
+        ("/v1/chat/completions", Some(chat.as_str())),
+    ] {
+        let method = if body.is_some() { "POST" } else { "GET" };
+        let (status, value) = daemon.request(method, path, body, None)?;
+        assert_eq!(status, 401, "{path} without a token: {value}");
+        assert!(
+            value["error"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("Bearer"))
+        );
+        let (status, _) = daemon.request(method, path, body, Some("wrong"))?;
+        assert_eq!(status, 401, "{path} with a wrong token");
+        let (status, value) = daemon.request(method, path, body, Some(&token))?;
+        assert_eq!(status, 200, "{path} with the token: {value}");
+    }
+    // A restart reads the same token back.
+    let dir_token = std::fs::read_to_string(daemon.token_file())?;
+    assert_eq!(dir_token.trim(), token);
+    Ok(())
+}
+
+#[test]
+fn malformed_requests_get_json_4xx_and_the_daemon_keeps_serving() -> Result<()> {
+    let daemon = Daemon::start(&tiny_a(), &["--no-auth", "--max-body-mb", "1"])?;
+    let msg = |content: Value| json!({"model": "tiny-a", "messages": [{"role": "user", "content": content}]});
+    let img = |url: &str| {
+        msg(
+            json!([{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "x"}]),
+        )
+    };
+    let png_b64 = base64::engine::general_purpose::STANDARD.encode(b"not a png at all");
+    let big = "x".repeat((1 << 20) + 1000);
+    let mut cases: Vec<(&str, String, u16)> = vec![
+        ("not json", "{\"model\": ".into(), 400),
+        ("empty body", String::new(), 400),
+        ("a list", "[]".into(), 400),
+        ("messages not a list", json!({"model": "tiny-a", "messages": "hi"}).to_string(), 400),
+        ("no model", json!({"messages": []}).to_string(), 400),
+        ("unknown field", json!({"model": "tiny-a", "messages": [], "bogus": 1}).to_string(), 400),
+        ("max_tokens a string", json!({"model": "tiny-a", "messages": [{"role": "user", "content": "x"}], "max_tokens": "5"}).to_string(), 400),
+        ("max_tokens 0", json!({"model": "tiny-a", "messages": [{"role": "user", "content": "x"}], "max_tokens": 0}).to_string(), 400),
+        ("empty messages", json!({"model": "tiny-a", "messages": []}).to_string(), 400),
+        ("bad role", json!({"model": "tiny-a", "messages": [{"role": "robot", "content": "x"}]}).to_string(), 400),
+        ("unknown part type", msg(json!([{"type": "audio", "audio": "x"}])).to_string(), 400),
+        ("n = 2", json!({"model": "tiny-a", "messages": [{"role": "user", "content": "x"}], "n": 2}).to_string(), 400),
+        ("temperature 9", json!({"model": "tiny-a", "messages": [{"role": "user", "content": "x"}], "temperature": 9}).to_string(), 400),
+        ("bad base64", img("data:image/png;base64,@@@@").to_string(), 400),
+        ("not an image", img(&format!("data:image/png;base64,{png_b64}")).to_string(), 400),
+        ("remote url", img("https://example.com/a.png").to_string(), 400),
+        ("local path refused", img(&fixtures().join("media/img_60x45.png").display().to_string()).to_string(), 400),
+        ("unknown model", json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}]}).to_string(), 404),
+        ("too large", json!({"model": "tiny-a", "messages": [{"role": "user", "content": big}]}).to_string(), 413),
+    ];
+    // Repeat the batch so the daemon sees a few hundred bad requests.
+    let base = cases.clone();
+    for _ in 0..9 {
+        cases.extend(base.iter().filter(|c| c.2 != 413).cloned());
+    }
+    for (name, body, want) in &cases {
+        let (status, value) = daemon.request("POST", "/v1/chat/completions", Some(body), None)?;
+        assert_eq!(status, *want, "{name}: {value}");
+        let message = value["error"]["message"].as_str().unwrap_or_default();
+        assert!(!message.is_empty(), "{name}: no error message in {value}");
+    }
+    let (status, value) = daemon.request("GET", "/v1/nowhere", None, None)?;
+    assert_eq!(status, 404, "{value}");
+    let (status, value) = daemon.request("GET", "/v1/chat/completions", None, None)?;
+    assert_eq!(status, 405, "{value}");
+    assert!(value["error"]["message"].is_string());
+    // Still serving: a real completion with an image.
+    let mut ok = img(&image_data_url()?);
+    ok["max_tokens"] = json!(3);
+    ok["temperature"] = json!(0);
+    let (status, value) =
+        daemon.request("POST", "/v1/chat/completions", Some(&ok.to_string()), None)?;
+    assert_eq!(status, 200, "{value}");
+    assert_eq!(value["usage"]["completion_tokens"], 3);
+    assert_eq!(value["choices"][0]["finish_reason"], "length");
+    // And it stops cleanly on SIGTERM.
+    let exit = daemon.terminate(Duration::from_secs(10))?;
+    assert!(exit.success(), "exit status {exit:?}");
+    Ok(())
+}
+
+#[test]
+fn local_image_paths_work_only_when_allowed_and_give_the_same_text() -> Result<()> {
+    let expected = in_process_text()?;
+    let daemon = Daemon::start(&tiny_a(), &["--no-auth", "--allow-local-files"])?;
+    let path = fixtures().join("media/img_333x217.png");
+    let body = json!({"model": "tiny-a", "max_tokens": MAX_TOKENS, "temperature": 0, "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": format!("file://{}", path.display())}},
+        {"type": "text", "text": "Describe this image."},
+    ]}]});
+    let (status, value) = daemon.request(
+        "POST",
+        "/v1/chat/completions",
+        Some(&body.to_string()),
+        None,
+    )?;
+    assert_eq!(status, 200, "{value}");
+    assert_eq!(value["choices"][0]["message"]["content"], json!(expected));
+    Ok(())
+}
+
+#[test]
+fn a_model_that_fails_to_load_gives_503() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let daemon = Daemon::start(dir.path(), &["--no-auth", "--served-model-name", "m"])?;
+    let body = json!({"model": "m", "messages": [{"role": "user", "content": "x"}]}).to_string();
+    let (status, value) = daemon.request("POST", "/v1/chat/completions", Some(&body), None)?;
+    assert_eq!(status, 503, "{value}");
+    assert!(
+        value["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("config.json")),
+        "{value}"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_task_runs_the_agent_on_the_virtual_screen_and_is_listed() -> Result<()> {
+    let data = tempfile::tempdir()?;
+    let data_dir = data.path().display().to_string();
+    let daemon = Daemon::start(&tiny_a(), &["--no-auth", "--data-dir", &data_dir])?;
+    let replies = [
+        "I need to click the name field.\n*FUNCTION*: Click *ARGS*: {\"point\": (500,200)}",
+        " The field has focus. *FUNCTION*: Type *ARGS*: {\"text\": \"Zoë\"}",
+        " Typed. *FUNCTION*: Finish *ARGS*: {\"answer\": \"Done, Zoë.\"}",
+    ];
+    let body = json!({"task": "Type Zoë in the name field", "replies": replies}).to_string();
+    let (status, created) = daemon.request("POST", "/v1/tasks", Some(&body), None)?;
+    assert_eq!(status, 201, "{created}");
+    let id = created["id"].as_str().context("id")?.to_string();
+    let start = Instant::now();
+    let record = loop {
+        let (status, record) = daemon.request("GET", &format!("/v1/tasks/{id}"), None, None)?;
+        assert_eq!(status, 200, "{record}");
+        if record["state"] == "done" {
+            break record;
+        }
+        if start.elapsed() > Duration::from_secs(60) {
+            bail!("task {id} did not end within 60 s: {record}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(
+        record["result"],
+        json!({"status": "finished", "answer": "Done, Zoë."}),
+        "{record}"
+    );
+    assert_eq!(record["steps"], 3);
+    // The trajectory the agent wrote, read back from disk.
+    let trace_dir = PathBuf::from(record["trace_dir"].as_str().context("trace_dir")?);
+    assert!(
+        trace_dir.starts_with(data.path()),
+        "{}",
+        trace_dir.display()
+    );
+    let t = vlad::agent::trajectory::read(&trace_dir)?;
+    assert_eq!(t.steps.len(), 3);
+    assert_eq!(t.meta.task, "Type Zoë in the name field");
+    assert_eq!(
+        t.steps[0].actions[0].action,
+        vlad::action::Action::Click { x: 200, y: 60 }
+    );
+
+    let (status, list) = daemon.request("GET", "/v1/tasks", None, None)?;
+    assert_eq!(status, 200);
+    assert_eq!(list["data"][0]["id"], json!(id));
+    let (status, value) =
+        daemon.request("POST", &format!("/v1/tasks/{id}/cancel"), Some(""), None)?;
+    assert_eq!(status, 409, "cancelling a finished task: {value}");
+    for (method, path) in [
+        ("GET", "/v1/tasks/task-99"),
+        ("POST", "/v1/tasks/task-99/cancel"),
+    ] {
+        let (status, value) = daemon.request(method, path, Some(""), None)?;
+        assert_eq!(status, 404, "{path}: {value}");
+    }
+    for bad in [
+        json!({"task": "x"}),
+        json!({"task": "", "replies": []}),
+        json!({"task": "x", "replies": [], "bogus": true}),
+        json!({"task": "x", "replies": [], "profile": "desktop"}),
+        json!({"task": "x", "replies": [], "profile": "no-such-profile"}),
+    ] {
+        let (status, value) = daemon.request("POST", "/v1/tasks", Some(&bad.to_string()), None)?;
+        assert_eq!(status, 400, "{bad}: {value}");
+        assert!(value["error"]["message"].is_string());
+    }
+    Ok(())
+}
