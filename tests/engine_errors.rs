@@ -1,23 +1,14 @@
 //! Bad inputs to the engine get errors that name the file, the tensor and the fix — never a panic.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use serde_json::Value;
 use vlad::engine::{LoadOptions, Qwen2Vl};
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/engine")
-}
-
-fn copy_model(model: &str) -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    for entry in std::fs::read_dir(fixtures().join(model)).unwrap() {
-        let path = entry.unwrap().path();
-        std::fs::copy(&path, dir.path().join(path.file_name().unwrap())).unwrap();
-    }
-    dir
-}
+#[path = "support/engine_fixtures.rs"]
+mod engine_fixtures;
+use engine_fixtures::{copy_model, fixtures};
 
 fn load_error(dir: &Path) -> String {
     match Qwen2Vl::load_dir(dir, &LoadOptions::default()) {

@@ -1,7 +1,6 @@
 //! Generation behaviour beyond the reference fixtures: stop strings, streaming, EOS, reduced
 //! precision, and the `vlad generate` command on a real checkpoint folder layout.
 
-use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use candle_core::DType;
@@ -10,9 +9,9 @@ use vlad::engine::{
     Content, FinishReason, GenerationOptions, LoadOptions, Message, Part, Prompt, Qwen2Vl,
 };
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/engine")
-}
+#[path = "support/engine_fixtures.rs"]
+mod engine_fixtures;
+use engine_fixtures::{copy_model, fixtures};
 
 fn case(name: &str) -> Value {
     let text = std::fs::read_to_string(fixtures().join("cases.json")).unwrap();
@@ -73,16 +72,6 @@ fn max_tokens_and_streamed_text_match_the_reference_text() {
     assert_eq!(out.finish_reason, FinishReason::MaxTokens);
     assert_eq!(out.text, c["greedy_text"].as_str().unwrap());
     assert_eq!(streamed, out.text);
-}
-
-/// A copy of a fixture model folder, to edit.
-fn copy_model(model: &str) -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    for entry in std::fs::read_dir(fixtures().join(model)).unwrap() {
-        let path = entry.unwrap().path();
-        std::fs::copy(&path, dir.path().join(path.file_name().unwrap())).unwrap();
-    }
-    dir
 }
 
 #[test]
