@@ -10,9 +10,14 @@ packages+=(libclang-dev libwayland-dev libpipewire-0.3-dev libgbm-dev libegl-dev
 # Desktop tests: a private X server, a window manager, X tools (xprop, xrandr, xrdb, xsetroot) and
 # real toolkit apps (Tk through Debian's python3, zenity for GTK), CJK glyphs for screenshots.
 packages+=(xvfb xauth x11-utils x11-xserver-utils openbox python3-tk zenity fonts-wqy-zenhei)
+# The clipboard example tool plugin (tools/clipboard.toml) and its test.
+packages+=(xclip)
 # The real adb client and server (1.0.41 on Debian 12): the Android tests drive the fake device
 # with it to prove the fake speaks the real protocol.
 packages+=(adb)
+# UI tests and reports: xmllint validates `vlad test --junit` output against the JUnit schema;
+# headless Chromium opens `vlad report` pages (tests/uitest.rs, tests/report.rs).
+packages+=(libxml2-utils chromium)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

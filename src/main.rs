@@ -35,9 +35,24 @@ enum Command {
     Do(cli::do_action::DoArgs),
     /// Click markers on screen and report where the clicks landed (offset and scale, JSON).
     Calibrate(cli::calibrate::CalibrateArgs),
-    /// Serve the embedded engine over HTTP: an OpenAI-compatible chat-completions endpoint
-    /// behind a bearer token (stops on SIGTERM or Ctrl-C).
+    /// Run the daemon: OpenAI-compatible chat completions, the task API and MCP (`/mcp`) over
+    /// HTTP behind a bearer token (stops on SIGTERM or Ctrl-C).
     Serve(cli::serve::ServeArgs),
+    /// An MCP server on stdio: screenshot, click, type_text, key, scroll, drag, ground and
+    /// run_task tools for the desktop and Android devices (for Claude Desktop and other clients).
+    Mcp(cli::mcp::McpArgs),
+    /// Submit, list, show, watch and cancel tasks of a running `vlad serve`.
+    Tasks(cli::tasks::TasksArgs),
+    /// List tool plugins (and manifests that do not load), or call one tool as the agent would.
+    Tools(cli::tools::ToolsArgs),
+    /// Locate something on an image with the model: prints its box and click point
+    /// (--annotate draws them).
+    Ground(cli::ground::GroundArgs),
+    /// Run UI test files (plain-language steps, cached model answers); JUnit XML with --junit
+    /// (exit 0 all passed, 1 a test failed, 2 an invalid file).
+    Test(cli::test::TestArgs),
+    /// Write one self-contained HTML page of a trajectory folder.
+    Report(cli::report::ReportArgs),
 }
 
 fn main() -> ExitCode {
@@ -60,6 +75,12 @@ fn main() -> ExitCode {
         Command::Do(args) => cli::do_action::run(args),
         Command::Calibrate(args) => cli::calibrate::run(args),
         Command::Serve(args) => cli::serve::run(args),
+        Command::Mcp(args) => cli::mcp::run(args),
+        Command::Tasks(args) => return cli::tasks::main(args),
+        Command::Tools(args) => cli::tools::run(args),
+        Command::Ground(args) => cli::ground::run(args),
+        Command::Test(args) => return cli::test::main(args),
+        Command::Report(args) => cli::report::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

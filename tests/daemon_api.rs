@@ -2,7 +2,9 @@
 //! by real clients — vlad's own OpenAI-compatible backend, the official `openai` Python client
 //! (installed into `.venv-openai` when missing), and plain HTTP for auth and malformed requests.
 //! Generated text is checked against the engine run in-process and the reference
-//! implementation's greedy text in `tests/fixtures/engine/cases.json`.
+//! implementation's greedy text in `tests/fixtures/engine/cases.json`. Idle, trickling and slow
+//! clients are cut off by the daemon's time limits, and a client that goes away (or a generation
+//! past its limit) frees the engine at once.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -76,6 +78,8 @@ impl Daemon {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_vlad"));
         cmd.args(["serve", "--listen", "127.0.0.1:0", "--model"])
             .arg(model)
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
             .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -446,75 +450,177 @@ fn a_model_that_fails_to_load_gives_503() -> Result<()> {
 }
 
 #[test]
-fn a_task_runs_the_agent_on_the_virtual_screen_and_is_listed() -> Result<()> {
-    let data = tempfile::tempdir()?;
-    let data_dir = data.path().display().to_string();
-    let daemon = Daemon::start(&tiny_a(), &["--no-auth", "--data-dir", &data_dir])?;
-    let replies = [
-        "I need to click the name field.\n*FUNCTION*: Click *ARGS*: {\"point\": (500,200)}",
-        " The field has focus. *FUNCTION*: Type *ARGS*: {\"text\": \"Zoë\"}",
-        " Typed. *FUNCTION*: Finish *ARGS*: {\"answer\": \"Done, Zoë.\"}",
-    ];
-    let body = json!({"task": "Type Zoë in the name field", "replies": replies}).to_string();
-    let (status, created) = daemon.request("POST", "/v1/tasks", Some(&body), None)?;
-    assert_eq!(status, 201, "{created}");
-    let id = created["id"].as_str().context("id")?.to_string();
+fn idle_and_slow_clients_are_cut_off_and_the_daemon_keeps_serving() -> Result<()> {
+    use std::io::{Read, Write};
+    let daemon = Daemon::start(
+        &tiny_a(),
+        &[
+            "--no-auth",
+            "--header-timeout-s",
+            "1",
+            "--request-timeout-s",
+            "2",
+        ],
+    )?;
+    let addr = daemon.url.trim_start_matches("http://").to_string();
+    // Connected, silent: dropped after the header timeout.
+    let mut idle = std::net::TcpStream::connect(&addr)?;
+    idle.set_read_timeout(Some(Duration::from_secs(20)))?;
     let start = Instant::now();
-    let record = loop {
-        let (status, record) = daemon.request("GET", &format!("/v1/tasks/{id}"), None, None)?;
-        assert_eq!(status, 200, "{record}");
-        if record["state"] == "done" {
-            break record;
-        }
-        if start.elapsed() > Duration::from_secs(60) {
-            bail!("task {id} did not end within 60 s: {record}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    assert_eq!(
-        record["result"],
-        json!({"status": "finished", "answer": "Done, Zoë."}),
-        "{record}"
-    );
-    assert_eq!(record["steps"], 3);
-    // The trajectory the agent wrote, read back from disk.
-    let trace_dir = PathBuf::from(record["trace_dir"].as_str().context("trace_dir")?);
+    let mut buf = Vec::new();
+    let _ = idle.read_to_end(&mut buf);
+    let waited = start.elapsed();
     assert!(
-        trace_dir.starts_with(data.path()),
-        "{}",
-        trace_dir.display()
+        waited >= Duration::from_millis(900) && waited < Duration::from_secs(5),
+        "an idle connection was closed after {waited:?}"
     );
-    let t = vlad::agent::trajectory::read(&trace_dir)?;
-    assert_eq!(t.steps.len(), 3);
-    assert_eq!(t.meta.task, "Type Zoë in the name field");
-    assert_eq!(
-        t.steps[0].actions[0].action,
-        vlad::action::Action::Click { x: 200, y: 60 }
+    // Headers trickled in one byte at a time: dropped too.
+    let mut trickle = std::net::TcpStream::connect(&addr)?;
+    trickle.set_read_timeout(Some(Duration::from_secs(20)))?;
+    let start = Instant::now();
+    for b in b"GET /health HTTP/1.1\r\nHost: x\r\n" {
+        if trickle.write_all(&[*b]).is_err() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        if start.elapsed() > Duration::from_secs(5) {
+            break;
+        }
+    }
+    let mut buf = Vec::new();
+    let _ = trickle.read_to_end(&mut buf);
+    assert!(
+        start.elapsed() < Duration::from_secs(8),
+        "a trickling client held its connection for {:?}",
+        start.elapsed()
     );
-
-    let (status, list) = daemon.request("GET", "/v1/tasks", None, None)?;
+    // A body announced and never sent: 408 with a JSON error after the request timeout.
+    let mut slow = std::net::TcpStream::connect(&addr)?;
+    slow.set_read_timeout(Some(Duration::from_secs(20)))?;
+    let start = Instant::now();
+    slow.write_all(
+        b"POST /v1/tasks HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"task\": ",
+    )?;
+    let mut answer = Vec::new();
+    let _ = slow.read_to_end(&mut answer);
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("--request-timeout-s"), "{answer}");
+    assert!(
+        start.elapsed() < Duration::from_secs(6),
+        "{:?}",
+        start.elapsed()
+    );
+    // Still serving.
+    let (status, _) = daemon.request("GET", "/health", None, None)?;
     assert_eq!(status, 200);
-    assert_eq!(list["data"][0]["id"], json!(id));
-    let (status, value) =
-        daemon.request("POST", &format!("/v1/tasks/{id}/cancel"), Some(""), None)?;
-    assert_eq!(status, 409, "cancelling a finished task: {value}");
-    for (method, path) in [
-        ("GET", "/v1/tasks/task-99"),
-        ("POST", "/v1/tasks/task-99/cancel"),
-    ] {
-        let (status, value) = daemon.request(method, path, Some(""), None)?;
-        assert_eq!(status, 404, "{path}: {value}");
-    }
-    for bad in [
-        json!({"task": "x"}),
-        json!({"task": "", "replies": []}),
-        json!({"task": "x", "replies": [], "bogus": true}),
-        json!({"task": "x", "replies": [], "profile": "desktop"}),
-        json!({"task": "x", "replies": [], "profile": "no-such-profile"}),
-    ] {
-        let (status, value) = daemon.request("POST", "/v1/tasks", Some(&bad.to_string()), None)?;
-        assert_eq!(status, 400, "{bad}: {value}");
-        assert!(value["error"]["message"].is_string());
-    }
+    Ok(())
+}
+
+/// A chat request for `max_tokens` tokens on tiny-a (about 100 tokens/s in a debug build, so
+/// 20,000 would take minutes).
+fn long_chat(max_tokens: usize, stream: bool) -> String {
+    json!({"model": "tiny-a", "max_tokens": max_tokens, "temperature": 0, "stream": stream,
+           "messages": [{"role": "user", "content": "hi"}]})
+    .to_string()
+}
+
+/// Seconds a 3-token completion takes: long when the engine is still busy with another.
+fn quick_completion_s(daemon: &Daemon) -> Result<f64> {
+    let start = Instant::now();
+    let (status, value) = daemon.request(
+        "POST",
+        "/v1/chat/completions",
+        Some(&long_chat(3, false)),
+        None,
+    )?;
+    assert_eq!(status, 200, "{value}");
+    Ok(start.elapsed().as_secs_f64())
+}
+
+#[test]
+fn a_client_that_goes_away_or_runs_past_the_generation_limit_stops_the_model() -> Result<()> {
+    use std::io::{Read, Write};
+    let daemon = Daemon::start(&tiny_a(), &["--no-auth", "--generation-timeout-s", "3"])?;
+    let addr = daemon.url.trim_start_matches("http://").to_string();
+    // A streaming client reads the first chunks and hangs up.
+    let body = long_chat(20_000, true);
+    let mut s = std::net::TcpStream::connect(&addr)?;
+    write!(
+        s,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut first = [0u8; 1024];
+    let n = s.read(&mut first)?;
+    assert!(String::from_utf8_lossy(&first[..n]).starts_with("HTTP/1.1 200"));
+    std::thread::sleep(Duration::from_millis(300));
+    drop(s);
+    let waited = quick_completion_s(&daemon)?;
+    assert!(
+        waited < 2.5,
+        "the engine stayed busy {waited:.1} s after the stream's client left"
+    );
+    // A non-streaming client that gives up after half a second.
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(Duration::from_millis(500)))
+        .build()
+        .into();
+    let gone = agent
+        .post(format!("{}/v1/chat/completions", daemon.url))
+        .header("Content-Type", "application/json")
+        .send(long_chat(20_000, false));
+    assert!(gone.is_err(), "the long completion finished within 0.5 s");
+    let waited = quick_completion_s(&daemon)?;
+    assert!(
+        waited < 2.5,
+        "the engine stayed busy {waited:.1} s after the client left"
+    );
+    // Past --generation-timeout-s: 504 for a plain request, an error event for a stream.
+    let start = Instant::now();
+    let (status, value) = daemon.request(
+        "POST",
+        "/v1/chat/completions",
+        Some(&long_chat(20_000, false)),
+        None,
+    )?;
+    assert_eq!(status, 504, "{value}");
+    assert!(
+        value["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("--generation-timeout-s"))
+    );
+    assert!(
+        start.elapsed() < Duration::from_secs(8),
+        "{:?}",
+        start.elapsed()
+    );
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(Duration::from_secs(30)))
+        .build()
+        .into();
+    let start = Instant::now();
+    let text = agent
+        .post(format!("{}/v1/chat/completions", daemon.url))
+        .header("Content-Type", "application/json")
+        .send(long_chat(20_000, true))?
+        .body_mut()
+        .read_to_string()?;
+    assert!(
+        start.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        start.elapsed()
+    );
+    assert!(
+        text.contains("--generation-timeout-s"),
+        "{}",
+        &text[text.len().saturating_sub(500)..]
+    );
+    assert!(text.trim_end().ends_with("data: [DONE]"));
+    let waited = quick_completion_s(&daemon)?;
+    assert!(
+        waited < 2.5,
+        "the engine stayed busy {waited:.1} s after the time limit"
+    );
     Ok(())
 }

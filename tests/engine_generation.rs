@@ -6,7 +6,8 @@ use std::process::Command;
 use candle_core::DType;
 use serde_json::Value;
 use vlad::engine::{
-    Content, FinishReason, GenerationOptions, LoadOptions, Message, Part, Prompt, Qwen2Vl,
+    Content, FinishReason, GenerationOptions, LoadOptions, Message, Part, Prompt, Quantization,
+    Qwen2Vl,
 };
 
 #[path = "support/engine_fixtures.rs"]
@@ -122,6 +123,165 @@ fn bf16_and_f16_run_and_stay_close_to_f32() {
             "{dtype:?}: {ours} vs {reference}"
         );
     }
+}
+
+/// How far a model loaded with `options` is from the reference (f32) on the plain parity cases
+/// of one fixture model.
+struct Deviation {
+    cases: usize,
+    /// Largest first-step top-20 logit difference over the largest |logit|.
+    worst: f64,
+    /// The same over the spread of the top 20.
+    worst_of_spread: f64,
+    same_first_token: usize,
+    /// Greedy tokens equal to the reference's before the first difference, of all.
+    same_tokens: usize,
+    all_tokens: usize,
+    weight_bytes: usize,
+}
+
+fn deviation(name: &str, options: &LoadOptions) -> Deviation {
+    let text = std::fs::read_to_string(fixtures().join("cases.json")).unwrap();
+    let cases: Vec<Value> = serde_json::from_str(&text).unwrap();
+    let mut model = Qwen2Vl::load_dir(&fixtures().join(name), options).unwrap();
+    let mut d = Deviation {
+        cases: 0,
+        worst: 0.0,
+        worst_of_spread: 0.0,
+        same_first_token: 0,
+        same_tokens: 0,
+        all_tokens: 0,
+        weight_bytes: model.decode_weight_bytes(),
+    };
+    let plain = cases.iter().filter(|c| {
+        c["model"] == name
+            && c.get("generation").is_none()
+            && c["processor_kwargs"]
+                .as_object()
+                .is_none_or(|o| o.is_empty())
+    });
+    for c in plain {
+        d.cases += 1;
+        let prompt = Prompt::from_json_messages(&c["messages"], &fixtures()).unwrap();
+        let expected: Vec<u64> = c["greedy_tokens"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap())
+            .collect();
+        let generation = GenerationOptions {
+            top_logits: 20,
+            ignore_eos: true,
+            ..greedy(expected.len())
+        };
+        let out = model.generate(&prompt, &generation, |_| {}).unwrap();
+        let ours: std::collections::HashMap<u32, f32> = out.top_logits.iter().copied().collect();
+        let reference = c["top_logits"].as_array().unwrap();
+        let logit = |p: &Value| p[1].as_f64().unwrap();
+        let spread = logit(&reference[0]) - logit(reference.last().unwrap());
+        let scale = reference
+            .iter()
+            .map(|p| logit(p).abs())
+            .fold(0f64, f64::max);
+        for pair in reference {
+            if let Some(got) = ours.get(&(pair[0].as_u64().unwrap() as u32)) {
+                let diff = (*got as f64 - logit(pair)).abs();
+                d.worst = d.worst.max(diff / scale.max(1e-6));
+                d.worst_of_spread = d.worst_of_spread.max(diff / spread.max(1e-6));
+            }
+        }
+        if out.top_logits[0].0 as u64 == reference[0][0].as_u64().unwrap() {
+            d.same_first_token += 1;
+        }
+        d.same_tokens += out
+            .token_ids
+            .iter()
+            .zip(&expected)
+            .take_while(|(a, b)| **a as u64 == **b)
+            .count();
+        d.all_tokens += expected.len();
+    }
+    d
+}
+
+/// The cost of `--quantize q8_0` on the parity fixtures, with bf16 weights as the yardstick:
+/// printed (`--nocapture`) and bounded.
+#[test]
+fn q8_0_language_model_stays_close_to_the_reference() {
+    for name in ["tiny-a", "tiny-b"] {
+        let f32_bytes = load(name, DType::F32).decode_weight_bytes();
+        let q8 = deviation(
+            name,
+            &LoadOptions {
+                quantize: Some(Quantization::Q8_0),
+                ..Default::default()
+            },
+        );
+        let bf16 = deviation(
+            name,
+            &LoadOptions {
+                dtype: DType::BF16,
+                ..Default::default()
+            },
+        );
+        for (label, d) in [("q8_0", &q8), ("bf16", &bf16)] {
+            eprintln!(
+                "{label} on {name} ({} cases): worst first-step top-20 logit deviation {:.4} of the \
+                 largest |logit| ({:.3} of the top-20 spread); same first token {}/{}; {}/{} greedy \
+                 tokens as the reference before the first difference; LM weights {} bytes ({} in f32)",
+                d.cases,
+                d.worst,
+                d.worst_of_spread,
+                d.same_first_token,
+                d.cases,
+                d.same_tokens,
+                d.all_tokens,
+                d.weight_bytes,
+                f32_bytes
+            );
+        }
+        assert!(q8.cases >= 3, "{name}: only {} plain cases", q8.cases);
+        assert!(
+            q8.weight_bytes * 3 < f32_bytes,
+            "{name}: {} bytes",
+            q8.weight_bytes
+        );
+        assert!(q8.worst < 0.08, "{name}: worst deviation {}", q8.worst);
+        assert!(
+            q8.same_first_token + 1 >= q8.cases,
+            "{name}: same first token in {}/{}",
+            q8.same_first_token,
+            q8.cases
+        );
+    }
+}
+
+#[test]
+fn a_set_cancel_flag_stops_generation_between_tokens() {
+    let c = case("image_333x217_tiny-a");
+    let prompt = Prompt::from_json_messages(&c["messages"], &fixtures()).unwrap();
+    let mut model = load("tiny-a", DType::F32);
+    let flag = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let options = GenerationOptions {
+        cancel: Some(flag.clone()),
+        ignore_eos: true,
+        ..greedy(12)
+    };
+    let out = model
+        .generate(&prompt, &options, |_| {
+            flag.store(true, std::sync::atomic::Ordering::Relaxed)
+        })
+        .unwrap();
+    assert_eq!(out.finish_reason, FinishReason::Cancelled);
+    assert!(
+        !out.token_ids.is_empty() && out.token_ids.len() < 12,
+        "{:?}",
+        out.token_ids
+    );
+    // The model is usable afterwards and gives the reference's text again.
+    flag.store(false, std::sync::atomic::Ordering::Relaxed);
+    let again = model.generate(&prompt, &options, |_| {}).unwrap();
+    assert_eq!(again.text, c["greedy_text"].as_str().unwrap());
 }
 
 #[test]
@@ -242,7 +402,14 @@ fn cli_bench_reports_one_row_per_size() {
     // the grid the reference processor gives this size (cases.json: image_333x217_tiny-b)
     assert_eq!(rows[1]["grid_thw"], serde_json::json!([1, 16, 24]));
     for row in rows {
-        for key in ["vision_s", "prefill_s", "decode_tokens_per_s", "step_s"] {
+        for key in [
+            "vision_s",
+            "prefill_s",
+            "decode_tokens_per_s",
+            "step_s",
+            "decode_weight_bytes",
+            "decode_gb_per_s",
+        ] {
             assert!(row[key].as_f64().unwrap() > 0.0, "{key}: {row}");
         }
     }
@@ -336,4 +503,76 @@ fn kv_cache_of_the_common_prefix_is_reused_across_calls() {
         third.reused_prompt_tokens <= first_pad,
         "reuse must stop before the changed image"
     );
+}
+
+#[test]
+fn vision_outputs_of_an_image_seen_before_are_reused_after_a_changed_prefix() {
+    let c = case("image_333x217_tiny-a");
+    let mut model = load("tiny-a", DType::F32);
+    let prompt = Prompt::from_json_messages(&c["messages"], &fixtures()).unwrap();
+    let first = model.generate(&prompt, &greedy(4), |_| {}).unwrap();
+    assert_eq!(first.reused_media, 0);
+
+    // Same picture behind a different system prompt: the KV prefix cannot be reused, the
+    // vision output can.
+    let mut moved = prompt.clone();
+    moved
+        .messages
+        .insert(0, Message::text("system", "You operate a computer."));
+    let second = assert_same_as_fresh(&mut model, &moved, "tiny-a");
+    assert_eq!(second.reused_media, 1);
+    assert!(second.reused_prompt_tokens < first.prompt_token_ids.len() / 2);
+
+    // A model told not to reuse anything (benchmarks) runs the vision tower again.
+    let options = GenerationOptions {
+        reuse_cache: false,
+        ..greedy(2)
+    };
+    assert_eq!(
+        model
+            .generate(&moved, &options, |_| {})
+            .unwrap()
+            .reused_media,
+        0
+    );
+}
+
+#[test]
+fn cli_bench_history_steps_reuse_the_previous_steps() {
+    let out = Command::new(env!("CARGO_BIN_EXE_vlad"))
+        .args(["bench", "--config"])
+        .arg(fixtures().join("tiny-a"))
+        .args([
+            "--sizes",
+            "112x84",
+            "--decode-tokens",
+            "3",
+            "--dtype",
+            "f32",
+            "--history-steps",
+            "3",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let rows = rows.as_array().unwrap();
+    assert_eq!(rows.len(), 3);
+    assert_eq!(rows[0]["reused_prompt_tokens"], 0);
+    for pair in rows.windows(2) {
+        let (before, after) = (&pair[0], &pair[1]);
+        let grown = after["prompt_tokens"].as_u64().unwrap();
+        assert!(grown > before["prompt_tokens"].as_u64().unwrap());
+        // Everything up to the previous reply is reused; only the new turn is computed.
+        assert!(
+            after["reused_prompt_tokens"].as_u64().unwrap()
+                >= before["prompt_tokens"].as_u64().unwrap(),
+            "{after}"
+        );
+    }
 }

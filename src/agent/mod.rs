@@ -31,6 +31,7 @@ use crate::protocol::render::{PromptContext, Prompts, RenderError};
 use crate::protocol::{
     ActionSpace, CoordMap, Function, ModelFamily, Protocol, ProtocolError, ReplyError, Size,
 };
+use crate::tools::{Plugins, ToolResult};
 
 pub use history::Conversation;
 pub use profile::{Limits, Profile, Safety};
@@ -285,12 +286,15 @@ pub struct Agent {
     protocol: Protocol,
     prompts: Prompts,
     texts: Texts,
+    /// Tool plugins the model may call besides the built-in functions.
+    plugins: Plugins,
 }
 
-/// What the environment is asked to do for one action.
+/// What the environment (or a tool plugin) is asked to do for one action.
 enum Execution {
     Outcome(Outcome),
     Broken(EnvironmentError),
+    Tool(ToolResult),
 }
 
 impl Agent {
@@ -309,17 +313,31 @@ impl Agent {
             space,
             prompts,
             texts,
+            plugins: Plugins::none(),
         })
+    }
+
+    /// This agent with tool plugins: each becomes a function in the system prompt and the
+    /// parser accepts calls of it.
+    pub fn with_plugins(mut self, plugins: Plugins) -> Self {
+        self.protocol = Protocol::new(self.profile.family).with_tools(plugins.names());
+        self.plugins = plugins;
+        self
     }
 
     pub fn profile(&self) -> &Profile {
         &self.profile
     }
 
+    pub fn plugins(&self) -> &Plugins {
+        &self.plugins
+    }
+
     /// The system prompt of this agent.
     pub fn system_prompt(&self) -> Result<String, AgentError> {
         let ctx = PromptContext {
             space: Some(self.space.clone()),
+            tools: self.plugins.specs(),
             ..Default::default()
         };
         Ok(self.prompts.system_prompt(self.profile.prompt, &ctx)?)
@@ -680,6 +698,16 @@ impl RunState<'_> {
                                             record.errors.push(message.clone());
                                             status = Some(RunStatus::Error { message });
                                         }
+                                        Execution::Tool(result) => {
+                                            let (note, outcome) =
+                                                self.tool_note(&call.function, result)?;
+                                            if matches!(outcome, Outcome::Failed { .. }) {
+                                                record.errors.push(note.clone());
+                                                failed = true;
+                                            }
+                                            notes.push(note);
+                                            rec.outcome = Some(outcome);
+                                        }
                                     }
                                 }
                                 Decision::DryRun => notes.push(
@@ -754,6 +782,23 @@ impl RunState<'_> {
         Ok((record, status))
     }
 
+    /// What a tool call writes back (its result, or the `failed` text with the reason, secrets
+    /// redacted) and its outcome for the record.
+    fn tool_note(
+        &self,
+        function: &str,
+        result: ToolResult,
+    ) -> Result<(String, Outcome), AgentError> {
+        Ok(match result {
+            ToolResult::Ok { text } => (self.secrets.redact(&text), Outcome::Done),
+            ToolResult::Failed { reason } => {
+                let reason = self.secrets.redact(&reason);
+                let note = self.render("failed", context! { function, reason })?;
+                (note, Outcome::Failed { reason })
+            }
+        })
+    }
+
     /// Loop detection: `Some` when `action` is asked for on an unchanged screen for the
     /// `max_repeats`-th time in a row.
     fn repeated(&mut self, action: &Action) -> Option<RunStatus> {
@@ -785,7 +830,15 @@ impl RunState<'_> {
                 ),
             };
         }
-        let decision = match safety::check(&self.agent.profile.safety, action) {
+        let verdict = match safety::check(&self.agent.profile.safety, action) {
+            safety::Verdict::Allow => self
+                .agent
+                .plugins
+                .confirmation(action)
+                .map_or(safety::Verdict::Allow, safety::Verdict::Confirm),
+            other => other,
+        };
+        let decision = match verdict {
             safety::Verdict::Allow => Decision::Perform,
             safety::Verdict::Deny(reason) => Decision::Denied { reason },
             safety::Verdict::Confirm(reason) => {
@@ -805,6 +858,9 @@ impl RunState<'_> {
     }
 
     fn perform(&self, env: &mut dyn Environment, action: &Action) -> Execution {
+        if let Action::Tool { name, args } = action {
+            return Execution::Tool(self.agent.plugins.call(name, args));
+        }
         let real = match action {
             Action::Type { text } if Secrets::mentions(text) => match self.secrets.reveal(text) {
                 Ok(text) => Action::Type { text },

@@ -37,6 +37,10 @@ pub struct Profile {
     /// Function names shown to the model; the prompt kind's set when empty.
     #[serde(default)]
     pub functions: Vec<String>,
+    /// Tool plugin folders or manifest files (relative to the profile file); their tools are
+    /// offered besides the functions.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tools: Vec<PathBuf>,
     /// The embedded model to load when the command line names none.
     #[serde(default)]
     pub model: Option<String>,
@@ -190,6 +194,14 @@ impl Profile {
             let base = file.parent().unwrap_or(Path::new("."));
             profile.prompt_dir = Some(base.join(dir));
         }
+        if let Some(file) = path {
+            let base = file.parent().unwrap_or(Path::new("."));
+            for tools in &mut profile.tools {
+                if tools.is_relative() {
+                    *tools = base.join(&*tools);
+                }
+            }
+        }
         profile.action_space().map_err(|e| bad(e.to_string()))?;
         if profile.environment == EnvironmentKind::Virtual && profile.screen.is_none() {
             return Err(bad(
@@ -233,6 +245,18 @@ mod tests {
             let p = Profile::load(name);
             assert!(p.is_ok(), "{name}: {p:?}");
         }
+    }
+
+    #[test]
+    fn tool_folders_are_relative_to_the_profile() -> Result<(), AgentError> {
+        let source = "name = \"x\"\nenvironment = \"desktop\"\nprompt = \"desktop\"\ntools = [\"../tools\", \"/opt/t\"]\n";
+        let p = Profile::from_toml(source, Some(Path::new("agents/mine.toml")))?;
+        assert_eq!(
+            p.tools,
+            vec![PathBuf::from("agents/../tools"), PathBuf::from("/opt/t")]
+        );
+        assert!(p.to_toml()?.contains("tools = ["));
+        Ok(())
     }
 
     #[test]

@@ -41,6 +41,15 @@ pub struct BenchArgs {
     /// Largest image area in pixels (default: the released checkpoints' 12,845,056).
     #[arg(long, default_value_t = 12_845_056)]
     max_pixels: u64,
+    /// Store the language model's linear layers quantized (q8_0 or q4k); the vision tower
+    /// stays in --dtype.
+    #[arg(long)]
+    quantize: Option<vlad::engine::Quantization>,
+    /// Instead of independent sizes: an agent conversation of this many steps on the first size
+    /// (each step adds a new screenshot), timing every step to show what the KV-cache reuse of
+    /// the unchanged history saves.
+    #[arg(long)]
+    history_steps: Option<usize>,
     /// One JSON list of rows on stdout instead of a table.
     #[arg(long)]
     json: bool,
@@ -70,6 +79,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         device: args.device.open()?,
         min_pixels: None,
         max_pixels: Some(args.max_pixels),
+        quantize: args.quantize,
     };
     let random_config = match args.config.as_str() {
         "2b" => Some(QWEN2_VL_2B_CONFIG),
@@ -92,9 +102,12 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             .with_context(|| format!("cannot load model {}", args.config))?,
     };
     eprintln!(
-        "model {} ({:?}) ready in {:.1} s",
+        "model {} ({:?}{}) ready in {:.1} s",
         args.config,
         args.dtype,
+        args.quantize
+            .map(|q| format!(", LM {q}"))
+            .unwrap_or_default(),
         start.elapsed().as_secs_f64()
     );
     let options = BenchOptions {
@@ -104,16 +117,59 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     };
     let json = args.json;
     let mut stdout = std::io::stdout().lock();
+    if let Some(steps) = args.history_steps {
+        if !json {
+            writeln!(
+                stdout,
+                "{:>5} {:>8} {:>8} {:>9} {:>10} {:>9} {:>8} {:>9}",
+                "step",
+                "tokens",
+                "reused",
+                "vision_s",
+                "prefill_s",
+                "decode_s",
+                "step_s",
+                "vs_step1"
+            )?;
+        }
+        let rows = bench::run_history(
+            &mut model,
+            options.sizes[0],
+            steps,
+            args.decode_tokens,
+            |r| {
+                if !json {
+                    let _ = writeln!(
+                        stdout,
+                        "{:>5} {:>8} {:>8} {:>9.2} {:>10.2} {:>9.2} {:>8.2} {:>9.2}",
+                        r.step,
+                        r.prompt_tokens,
+                        r.reused_prompt_tokens,
+                        r.vision_s,
+                        r.prefill_s,
+                        r.decode_s,
+                        r.step_s,
+                        r.vs_first
+                    );
+                }
+            },
+        )?;
+        if json {
+            writeln!(stdout, "{}", serde_json::to_string(&rows)?)?;
+        }
+        return Ok(());
+    }
     if !json {
         writeln!(
             stdout,
-            "{:>10} {:>12} {:>7} {:>9} {:>10} {:>11} {:>8} {:>10}",
+            "{:>10} {:>12} {:>7} {:>9} {:>10} {:>11} {:>9} {:>8} {:>10}",
             "size",
             "grid t,h,w",
             "tokens",
             "vision_s",
             "prefill_s",
             "decode_tok/s",
+            "decode_GB/s",
             "step_s",
             "peak_rss"
         )?;
@@ -128,13 +184,14 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             let [t, h, w] = row.grid_thw;
             let _ = writeln!(
                 stdout,
-                "{:>10} {:>12} {:>7} {:>9.2} {:>10.2} {:>11.2} {:>8.2} {:>10}",
+                "{:>10} {:>12} {:>7} {:>9.2} {:>10.2} {:>11.2} {:>11.1} {:>8.2} {:>10}",
                 row.size,
                 format!("{t},{h},{w}"),
                 row.prompt_tokens,
                 row.vision_s,
                 row.prefill_s,
                 row.decode_tokens_per_s,
+                row.decode_gb_per_s,
                 row.step_s,
                 rss
             );

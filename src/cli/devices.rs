@@ -3,10 +3,7 @@
 use std::io::Write;
 
 use clap::Args;
-use serde_json::{Map, Value, json};
-
-use vlad::environment::android;
-use vlad::environment::desktop;
+use serde_json::json;
 
 #[derive(Debug, Args)]
 pub struct DevicesArgs {
@@ -18,20 +15,12 @@ pub struct DevicesArgs {
 /// Lists everything; a source that cannot be reached (no display, no adb server) is reported
 /// and the rest still listed. Exit 1 only when no source could be reached.
 pub fn run(args: DevicesArgs) -> anyhow::Result<()> {
-    let mut errors = Map::new();
-    let monitors = desktop::monitors()
-        .map_err(|e| errors.insert("monitors".into(), Value::String(e.to_string())))
-        .ok();
-    let windows = if monitors.is_some() {
-        desktop::windows()
-            .map_err(|e| errors.insert("windows".into(), Value::String(e.to_string())))
-            .ok()
-    } else {
-        None
-    };
-    let devices = android::list_devices()
-        .map_err(|e| errors.insert("android".into(), Value::String(e.to_string())))
-        .ok();
+    let vlad::environment::Inventory {
+        monitors,
+        windows,
+        android: devices,
+        errors,
+    } = vlad::environment::inventory();
     let reached = monitors.is_some() || devices.is_some();
 
     let mut out = std::io::stdout().lock();

@@ -29,6 +29,10 @@ pub struct GenerateArgs {
     /// Smallest image area in pixels after resizing (default: the checkpoint's).
     #[arg(long)]
     min_pixels: Option<u64>,
+    /// Store the language model's linear layers quantized (q8_0 or q4k); the vision tower
+    /// stays in --dtype.
+    #[arg(long)]
+    quantize: Option<vlad::engine::Quantization>,
     /// Largest image area in pixels after resizing (default: the checkpoint's).
     #[arg(long)]
     max_pixels: Option<u64>,
@@ -89,6 +93,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         device: args.device.open()?,
         min_pixels: args.min_pixels,
         max_pixels: args.max_pixels,
+        quantize: args.quantize,
     };
     let mut model = Qwen2Vl::load(&args.model, &load)
         .with_context(|| format!("cannot load model {}", args.model))?;
@@ -111,6 +116,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         top_logits: args.top_logits,
         ignore_eos: false,
         reuse_cache: true,
+        cancel: None,
     };
     let stream = !args.json;
     let mut stdout = std::io::stdout().lock();

@@ -5,11 +5,17 @@ pub mod calibrate;
 pub mod devices;
 pub mod do_action;
 pub mod generate;
+pub mod ground;
+pub mod mcp;
 pub mod parse;
 pub mod replay;
+pub mod report;
 pub mod run;
 pub mod screenshot;
 pub mod serve;
+pub mod tasks;
+pub mod test;
+pub mod tools;
 
 use candle_core::{DType, Device};
 

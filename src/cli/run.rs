@@ -30,6 +30,44 @@ pub enum Backend {
     Replay,
 }
 
+/// Where a command's model replies come from: the embedded engine (default), an
+/// OpenAI-compatible server, or recorded replies. Shared by the commands that ask a model.
+#[derive(Debug, Args)]
+pub struct ModelArgs {
+    #[arg(long, value_enum, default_value = "embedded")]
+    pub backend: Backend,
+    /// Embedded backend: a model folder or hub id [default: the profile's, else Qwen/Qwen2-VL-2B-Instruct].
+    #[arg(long, value_name = "DIR|HUB_ID")]
+    pub model: Option<String>,
+    /// Embedded backend: where to compute.
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub compute: DeviceArg,
+    #[arg(long, value_enum, default_value = "f32")]
+    pub dtype: DtypeArg,
+    /// Embedded backend: store the language model's linear layers quantized (q8_0: 3.5× fewer
+    /// bytes per token than f32, q4k: 6×), for faster decoding on a CPU.
+    #[arg(long, value_name = "q8_0|q4k")]
+    pub quantize: Option<vlad::engine::Quantization>,
+    /// OpenAI backend: the API root, e.g. http://localhost:8000/v1.
+    #[arg(long, env = "VLAD_OPENAI_BASE_URL")]
+    pub base_url: Option<String>,
+    /// OpenAI backend: the served model name.
+    #[arg(long, env = "VLAD_OPENAI_MODEL")]
+    pub served_model: Option<String>,
+    /// OpenAI backend: the API key [env: VLAD_OPENAI_API_KEY, else OPENAI_API_KEY].
+    #[arg(long, hide_env_values = true, env = "VLAD_OPENAI_API_KEY")]
+    pub api_key: Option<String>,
+    /// OpenAI backend: seconds per request.
+    #[arg(long, default_value_t = 120.0, env = "VLAD_OPENAI_TIMEOUT")]
+    pub timeout: f64,
+    /// OpenAI backend: further attempts after a timeout or a 5xx answer.
+    #[arg(long, default_value_t = 3, env = "VLAD_OPENAI_RETRIES")]
+    pub retries: u32,
+    /// Replay backend: a JSON Lines file of {"reply": "..."}, one per model call (a step of `vlad run`).
+    #[arg(long, value_name = "FILE")]
+    pub replies: Option<PathBuf>,
+}
+
 #[derive(Debug, Args)]
 pub struct RunArgs {
     /// The task, in plain language. `{{secret:NAME}}` is typed as the secret's value and never
@@ -41,34 +79,12 @@ pub struct RunArgs {
     /// The device: an Android serial, or a desktop monitor.
     #[arg(long, value_name = "SERIAL")]
     device: Option<String>,
-    #[arg(long, value_enum, default_value = "embedded")]
-    backend: Backend,
-    /// Embedded backend: a model folder or hub id [default: the profile's, else Qwen/Qwen2-VL-2B-Instruct].
-    #[arg(long, value_name = "DIR|HUB_ID")]
-    model: Option<String>,
-    /// Embedded backend: where to compute.
-    #[arg(long, value_enum, default_value = "cpu")]
-    compute: DeviceArg,
-    #[arg(long, value_enum, default_value = "f32")]
-    dtype: DtypeArg,
-    /// OpenAI backend: the API root, e.g. http://localhost:8000/v1.
-    #[arg(long, env = "VLAD_OPENAI_BASE_URL")]
-    base_url: Option<String>,
-    /// OpenAI backend: the served model name.
-    #[arg(long, env = "VLAD_OPENAI_MODEL")]
-    served_model: Option<String>,
-    /// OpenAI backend: the API key [env: VLAD_OPENAI_API_KEY, else OPENAI_API_KEY].
-    #[arg(long, hide_env_values = true, env = "VLAD_OPENAI_API_KEY")]
-    api_key: Option<String>,
-    /// OpenAI backend: seconds per request.
-    #[arg(long, default_value_t = 120.0, env = "VLAD_OPENAI_TIMEOUT")]
-    timeout: f64,
-    /// OpenAI backend: further attempts after a timeout or a 5xx answer.
-    #[arg(long, default_value_t = 3, env = "VLAD_OPENAI_RETRIES")]
-    retries: u32,
-    /// Replay backend: a JSON Lines file of {"reply": "..."}, one per step.
-    #[arg(long, value_name = "FILE")]
-    replies: Option<PathBuf>,
+    /// Tool plugins: a folder of manifests (e.g. tools) or one manifest file; repeatable, and
+    /// added to the profile's `tools`.
+    #[arg(long = "tools", value_name = "DIR")]
+    tools: Vec<PathBuf>,
+    #[command(flatten)]
+    model: ModelArgs,
     /// At most this many model calls [default: the profile's].
     #[arg(long)]
     max_steps: Option<usize>,
@@ -182,18 +198,21 @@ impl Hooks for TerminalHooks {
     }
 }
 
-fn open_model(args: &RunArgs, profile: &Profile) -> anyhow::Result<Box<dyn Model>> {
+/// Opens the model `args` choose; `default_model` is the embedded model when `--model` names
+/// none (an agent profile's), else [`model::DEFAULT_MODEL`].
+pub fn open_model(args: &ModelArgs, default_model: Option<&str>) -> anyhow::Result<Box<dyn Model>> {
     Ok(match args.backend {
         Backend::Embedded => {
             let spec = args
                 .model
                 .clone()
-                .or_else(|| profile.model.clone())
+                .or_else(|| default_model.map(String::from))
                 .unwrap_or_else(|| model::DEFAULT_MODEL.to_string());
             eprintln!("vlad: loading {spec} …");
             let options = LoadOptions {
                 dtype: args.dtype.into(),
                 device: args.compute.open()?,
+                quantize: args.quantize,
                 ..Default::default()
             };
             Box::new(EmbeddedModel::load(&spec, &options)?)
@@ -230,7 +249,8 @@ fn open_model(args: &RunArgs, profile: &Profile) -> anyhow::Result<Box<dyn Model
 
 fn run_task(args: RunArgs) -> anyhow::Result<u8> {
     let profile = Profile::load(&args.agent)?;
-    let agent = Agent::new(profile)?;
+    let tool_paths: Vec<PathBuf> = profile.tools.iter().chain(&args.tools).cloned().collect();
+    let agent = Agent::new(profile)?.with_plugins(super::tools::load(&tool_paths)?);
     let secrets = match &args.secrets {
         Some(path) => Secrets::from_file(path)?,
         None => Secrets::new(),
@@ -238,7 +258,7 @@ fn run_task(args: RunArgs) -> anyhow::Result<u8> {
     // Fail on missing secrets before loading a model.
     Secrets::for_text(&args.task, &secrets)?;
     let mut env = agent::open_environment(agent.profile(), args.device.as_deref())?;
-    let mut model = open_model(&args, agent.profile())?;
+    let mut model = open_model(&args.model, agent.profile().model.as_deref())?;
     let mut stop = StopSignal::new();
     if let Some(path) = &args.abort_file {
         stop = stop.with_abort_file(path);

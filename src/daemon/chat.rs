@@ -5,13 +5,14 @@
 use std::convert::Infallible;
 use std::io::Cursor;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
-use axum::http::StatusCode;
+use axum::http::{StatusCode, header};
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
@@ -181,11 +182,33 @@ pub async fn chat_completions(
         .is_some_and(|o| o.include_usage);
     let id = format!("chatcmpl-{:016x}", rand::random::<u64>());
     let created = now();
+    let admission = match Admission::enter(&state) {
+        Ok(a) => a,
+        Err(e) => return Ok(with_retry_after(e)),
+    };
+    let cancel = Arc::new(AtomicBool::new(false));
+    let options = GenerationOptions {
+        cancel: Some(cancel.clone()),
+        ..options
+    };
     if request.stream {
-        Ok(stream(state, prompt, options, id, created, include_usage).into_response())
+        Ok(stream(
+            state,
+            prompt,
+            options,
+            id,
+            created,
+            include_usage,
+            admission,
+            cancel,
+        )
+        .into_response())
     } else {
+        // A client that goes away (or the time limit) drops this future: stop generating.
+        let _cancel_on_drop = CancelOnDrop(cancel);
         let s = state.clone();
         let generation = tokio::task::spawn_blocking(move || {
+            let _admission = admission;
             with_engine(&s, |m| m.generate(&prompt, &options, |_| {}))
         })
         .await
@@ -410,6 +433,8 @@ fn finish_reason(reason: &FinishReason) -> &'static str {
     match reason {
         FinishReason::Eos(_) | FinishReason::StopString(_) => "stop",
         FinishReason::MaxTokens => "length",
+        // Only a client that went away cancels; nobody reads this one.
+        FinishReason::Cancelled => "stop",
     }
 }
 
@@ -428,11 +453,60 @@ fn now() -> u64 {
         .unwrap_or(0)
 }
 
+/// A chat completion admitted past the daemon's limit of pending ones; leaving frees the slot.
+struct Admission(Arc<AppState>);
+
+impl Admission {
+    /// 429 with `Retry-After` when `max_pending_chats` completions are already waiting or running.
+    fn enter(state: &Arc<AppState>) -> Result<Self, ApiError> {
+        let limit = state.limits.max_pending_chats;
+        let admitted = state
+            .pending_chats
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n < limit).then_some(n + 1)
+            })
+            .is_ok();
+        if admitted {
+            Ok(Self(state.clone()))
+        } else {
+            Err(ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                format!("{limit} completions are already waiting for the model; retry shortly"),
+            ))
+        }
+    }
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        self.0.pending_chats.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Sets the generation's cancel flag when dropped (the request's future went away).
+struct CancelOnDrop(Arc<AtomicBool>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
+/// The `Retry-After` a 429 carries.
+fn with_retry_after(error: ApiError) -> Response {
+    if error.status == StatusCode::TOO_MANY_REQUESTS {
+        ([(header::RETRY_AFTER, "1")], error).into_response()
+    } else {
+        error.into_response()
+    }
+}
+
 /// The SSE answer: a role chunk, one chunk per piece of text, a final chunk with the finish
 /// reason, optionally a usage chunk, then `[DONE]` (an error after the start is sent as an
 /// `{"error": …}` event before `[DONE]`). The blocking generation thread writes the events; a
-/// client that goes away does not stop generation (the engine has no cancellation yet), its
-/// events are just dropped.
+/// client that goes away cancels the generation at the next token, and so does the daemon's
+/// generation time limit (reported as an error event).
+#[allow(clippy::too_many_arguments)]
 fn stream(
     state: Arc<AppState>,
     prompt: Prompt,
@@ -440,10 +514,16 @@ fn stream(
     id: String,
     created: u64,
     include_usage: bool,
+    admission: Admission,
+    cancel: Arc<AtomicBool>,
 ) -> Sse<impl futures_util::Stream<Item = Result<Event, Infallible>>> {
     let (tx, rx) = mpsc::unbounded_channel::<String>();
     let model = state.model_name.clone();
+    let deadline = Instant::now() + state.limits.generation_timeout;
+    let limit_s = state.limits.generation_timeout.as_secs();
     tokio::task::spawn_blocking(move || {
+        let _admission = admission;
+        let timed_out = AtomicBool::new(false);
         let chunk = |delta: Value, finish: Option<&str>| {
             json!({
                 "id": id,
@@ -454,15 +534,31 @@ fn stream(
             })
         };
         let send = |v: Value| {
-            let _ = tx.send(v.to_string());
+            if tx.send(v.to_string()).is_err() {
+                // The client went away.
+                cancel.store(true, Ordering::SeqCst);
+            }
         };
         send(chunk(json!({"role": "assistant", "content": ""}), None));
         let result = with_engine(&state, |m| {
             m.generate(&prompt, &options, |t| {
                 send(chunk(json!({"content": t}), None));
+                if Instant::now() >= deadline {
+                    timed_out.store(true, Ordering::SeqCst);
+                    cancel.store(true, Ordering::SeqCst);
+                }
             })
         });
         match result {
+            Ok(_) if timed_out.load(Ordering::SeqCst) => send(
+                ApiError::new(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    format!(
+                        "the completion took longer than {limit_s} s (--generation-timeout-s); ask for fewer tokens"
+                    ),
+                )
+                .body(),
+            ),
             Ok(g) => {
                 send(chunk(json!({}), Some(finish_reason(&g.finish_reason))));
                 if include_usage {

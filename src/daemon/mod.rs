@@ -1,33 +1,60 @@
 //! `vlad serve`: a tokio + axum service that loads the embedded engine once and serves it over
 //! HTTP — an OpenAI-compatible `POST /v1/chat/completions` (streaming and not) and
 //! `GET /v1/models` — behind a bearer token, with JSON errors for every bad request and a
-//! graceful shutdown on SIGTERM or Ctrl-C — and a first task API (`/v1/tasks`).
+//! graceful shutdown on SIGTERM or Ctrl-C — and the task API (`/v1/tasks`: queued per device,
+//! event streams, trajectories and HTML reports, records kept under the data dir across
+//! restarts) and the MCP tools over streamable HTTP at `/mcp` (see [`crate::mcp`]).
 //!
 //! Entry point: [`serve`]. Handlers are plain async functions over one `Arc<AppState>`.
 
 mod api_error;
 pub mod auth;
 mod chat;
+mod connections;
+mod events;
+mod shared_model;
+mod task_runner;
+mod task_store;
 mod tasks;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::Router;
-use axum::extract::DefaultBodyLimit;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{Method, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 
 use crate::engine::{EngineError, LoadOptions, Qwen2Vl};
 
 pub use api_error::ApiError;
 pub use auth::{AuthError, load_or_create_token};
+pub use task_store::{TaskRecord, TaskState};
 
 /// The default listen address: loopback only.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8780";
 /// The default largest request body, in bytes (images travel inline as base64).
 pub const DEFAULT_BODY_LIMIT: usize = 32 << 20;
+
+/// How long a request may take (reading its body included), streams aside.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a client may take to send a request's headers, and idle between requests.
+pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long one chat completion may generate.
+pub const DEFAULT_GENERATION_TIMEOUT: Duration = Duration::from_secs(600);
+/// Chat completions waiting for or using the model at once; more get 429.
+pub const DEFAULT_MAX_PENDING_CHATS: usize = 16;
+/// Tasks waiting for their device at once; more get 429.
+pub const DEFAULT_MAX_QUEUED_TASKS: usize = 256;
+/// How long a shutdown waits for running tasks to finish their current action.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+/// How long a shutdown waits for open connections after that.
+const DRAIN_TIME: Duration = Duration::from_secs(10);
 
 /// Why the daemon could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -40,10 +67,14 @@ pub enum DaemonError {
     },
     #[error(transparent)]
     Auth(#[from] AuthError),
-    #[error("the HTTP server failed: {0}")]
-    Serve(#[source] std::io::Error),
     #[error("the model loader thread failed: {0}")]
     Loader(String),
+    #[error("cannot use the data dir {}: {source}; pick another with --data-dir", path.display())]
+    DataDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// How clients authenticate.
@@ -69,13 +100,50 @@ pub struct ServeOptions {
     pub allow_local_files: bool,
     /// Largest request body in bytes.
     pub body_limit: usize,
-    /// Where task trajectories go (`<dir>/tasks/<id>`); the agent's default when `None`.
+    /// Where task records and trajectories go (`<dir>/tasks/<id>`); [`default_data_dir`]
+    /// when `None`.
     pub data_dir: Option<PathBuf>,
+    pub limits: Limits,
+}
+
+/// Time and admission limits of the daemon.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// A request's whole handling, its body included (event and chat streams aside).
+    pub request_timeout: Duration,
+    /// Sending a request's headers, and idling between requests on one connection.
+    pub header_timeout: Duration,
+    /// One chat completion's generation.
+    pub generation_timeout: Duration,
+    pub max_pending_chats: usize,
+    pub max_queued_tasks: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            request_timeout: DEFAULT_REQUEST_TIMEOUT,
+            header_timeout: DEFAULT_HEADER_TIMEOUT,
+            generation_timeout: DEFAULT_GENERATION_TIMEOUT,
+            max_pending_chats: DEFAULT_MAX_PENDING_CHATS,
+            max_queued_tasks: DEFAULT_MAX_QUEUED_TASKS,
+        }
+    }
+}
+
+/// The data dir when none is given: `<state dir>/vlad/daemon`.
+pub fn default_data_dir() -> PathBuf {
+    dirs::state_dir()
+        .or_else(dirs::data_local_dir)
+        .unwrap_or_else(std::env::temp_dir)
+        .join("vlad")
+        .join("daemon")
 }
 
 /// The loaded model, or why it is not there.
 enum EngineSlot {
-    Ready(Box<Mutex<Qwen2Vl>>),
+    /// Shared by chat completions and every task (each locks it per generation).
+    Ready(Arc<Mutex<Qwen2Vl>>),
     Failed(String),
 }
 
@@ -87,8 +155,10 @@ pub struct AppState {
     created: u64,
     token: Option<String>,
     allow_local_files: bool,
-    tasks: tasks::Tasks,
-    data_dir: Option<PathBuf>,
+    tasks: Arc<task_runner::TaskManager>,
+    limits: Limits,
+    /// Chat completions admitted and not yet answered.
+    pending_chats: AtomicUsize,
 }
 
 /// The name a model is served under when none is given: a folder's last component, or the hub id.
@@ -110,6 +180,19 @@ pub fn router(state: Arc<AppState>, body_limit: usize) -> Router {
         .route("/v1/tasks", post(tasks::submit).get(tasks::list))
         .route("/v1/tasks/{id}", get(tasks::get_task))
         .route("/v1/tasks/{id}/cancel", post(tasks::cancel))
+        .route("/v1/tasks/{id}/events", get(tasks::events))
+        .route("/v1/tasks/{id}/trajectory", get(tasks::trajectory_index))
+        .route("/v1/tasks/{id}/report", get(tasks::report))
+        .route(
+            "/v1/tasks/{id}/trajectory/{*file}",
+            get(tasks::trajectory_file),
+        )
+        // MCP over streamable HTTP; with a token, the token keeps browsers out instead of a
+        // loopback-only Host check.
+        .nest_service(
+            "/mcp",
+            crate::mcp::http_service(mcp_models(&state), state.token.is_none()),
+        )
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             auth::require_token,
@@ -120,7 +203,62 @@ pub fn router(state: Arc<AppState>, body_limit: usize) -> Router {
         .fallback(api_error::not_found)
         .method_not_allowed_fallback(api_error::method_not_allowed)
         .layer(DefaultBodyLimit::max(body_limit))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            time_limit,
+        ))
         .with_state(state)
+}
+
+/// The model of the MCP tools at `/mcp` (`ground`, `run_task`): handles on the loaded engine.
+fn mcp_models(state: &AppState) -> Arc<dyn crate::mcp::ModelSource> {
+    match &state.engine {
+        EngineSlot::Ready(engine) => {
+            let engine = engine.clone();
+            let name = state.model_name.clone();
+            Arc::new(
+                move |cancel: Arc<std::sync::atomic::AtomicBool>| -> Result<Box<dyn crate::model::Model>, String> {
+                    Ok(Box::new(shared_model::SharedModel::new(
+                        engine.clone(),
+                        name.clone(),
+                        cancel,
+                    )))
+                },
+            )
+        }
+        EngineSlot::Failed(reason) => Arc::new(crate::mcp::NoModel::new(reason.clone())),
+    }
+}
+
+/// Bounds the time a request takes until its response starts (the body read included):
+/// `request_timeout` (408), or `generation_timeout` for chat completions (504; their streams
+/// are bounded by the generation itself).
+async fn time_limit(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
+    let chat = request.method() == Method::POST && request.uri().path() == "/v1/chat/completions";
+    let limit = if chat {
+        state.limits.generation_timeout
+    } else {
+        state.limits.request_timeout
+    };
+    match tokio::time::timeout(limit, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) if chat => ApiError::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            format!(
+                "the completion took longer than {} s (--generation-timeout-s); ask for fewer tokens",
+                limit.as_secs()
+            ),
+        )
+        .into_response(),
+        Err(_) => ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            format!(
+                "the request took longer than {} s (--request-timeout-s); send the body at once",
+                limit.as_secs()
+            ),
+        )
+        .into_response(),
+    }
 }
 
 async fn health() -> axum::Json<serde_json::Value> {
@@ -147,6 +285,16 @@ pub async fn serve(
         addr: options.listen,
         source,
     })?;
+    let data_dir = options.data_dir.clone().unwrap_or_else(default_data_dir);
+    let store = task_store::TaskStore::open(&data_dir).map_err(|source| DaemonError::DataDir {
+        path: data_dir.clone(),
+        source,
+    })?;
+    let max_queued = options.limits.max_queued_tasks;
+    let tasks =
+        tokio::task::spawn_blocking(move || task_runner::TaskManager::open(store, max_queued))
+            .await
+            .map_err(|e| DaemonError::Loader(e.to_string()))?;
     tracing::info!(model = %options.model, "loading the model");
     let model = options.model.clone();
     let load = options.load.clone();
@@ -155,7 +303,7 @@ pub async fn serve(
             .await
             .map_err(|e| DaemonError::Loader(e.to_string()))?;
     let engine = match loaded {
-        Ok(m) => EngineSlot::Ready(Box::new(Mutex::new(m))),
+        Ok(m) => EngineSlot::Ready(Arc::new(Mutex::new(m))),
         Err(e) => {
             tracing::error!("cannot load model {}: {e}", options.model);
             EngineSlot::Failed(format!("cannot load model {}: {e}", options.model))
@@ -173,15 +321,20 @@ pub async fn serve(
             .unwrap_or(0),
         token,
         allow_local_files: options.allow_local_files,
-        tasks: tasks::Tasks::default(),
-        data_dir: options.data_dir.clone(),
+        tasks: tasks.clone(),
+        limits: options.limits.clone(),
+        pending_chats: AtomicUsize::new(0),
     });
     let app = router(state, options.body_limit);
     on_ready(addr);
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown_signal())
-        .await
-        .map_err(DaemonError::Serve)?;
+    let header_timeout = options.limits.header_timeout;
+    connections::serve(listener, app, header_timeout, DRAIN_TIME, async move {
+        shutdown_signal().await;
+        // Running tasks finish their current action and record how they ended before the
+        // connections (their event streams included) are closed.
+        tasks.shutdown(SHUTDOWN_GRACE).await;
+    })
+    .await;
     tracing::info!("stopped");
     Ok(())
 }

@@ -37,6 +37,10 @@ pub struct BenchRow {
     pub step_s: f64,
     /// Peak resident memory of this process so far (Linux; `None` elsewhere).
     pub peak_rss_bytes: Option<u64>,
+    /// Bytes of language-model weights one decode step reads (all linear layers).
+    pub decode_weight_bytes: usize,
+    /// `decode_weight_bytes` × tokens/s: the memory bandwidth decoding achieves.
+    pub decode_gb_per_s: f64,
     pub timed_runs: usize,
 }
 
@@ -123,6 +127,7 @@ pub fn run(
         let Some(out) = last else { continue };
         let grid = out.image_grid_thw.first().copied().unwrap_or([0, 0, 0]);
         let (vision_s, prefill_s, rate) = (median(vision), median(prefill), median(decode));
+        let decode_weight_bytes = model.decode_weight_bytes();
         let row = BenchRow {
             size: format!("{w}x{h}"),
             grid_thw: grid,
@@ -139,10 +144,92 @@ pub fn run(
                     f64::INFINITY
                 },
             peak_rss_bytes: peak_rss_bytes(),
+            decode_weight_bytes,
+            decode_gb_per_s: decode_weight_bytes as f64 * rate / 1e9,
             timed_runs: options.runs.max(1),
         };
         on_row(&row);
         rows.push(row);
+    }
+    Ok(rows)
+}
+
+/// One step of a simulated agent conversation.
+#[derive(Debug, Clone, Serialize)]
+pub struct HistoryStepRow {
+    /// 1-based.
+    pub step: usize,
+    pub prompt_tokens: usize,
+    /// Prompt tokens whose KV cache came from the previous step.
+    pub reused_prompt_tokens: usize,
+    pub vision_s: f64,
+    pub prefill_s: f64,
+    pub decode_s: f64,
+    /// Everything the engine spent on this step, processing included.
+    pub step_s: f64,
+    /// This step's time over step 1's.
+    pub vs_first: f64,
+}
+
+/// An agent run's shape: each step adds the previous reply and a new screenshot of `size` to
+/// one growing conversation and generates `decode_tokens` tokens, so step N pays for the new
+/// screenshot and tokens only when the KV cache of the unchanged prefix is reused.
+pub fn run_history(
+    model: &mut Qwen2Vl,
+    (w, h): (u32, u32),
+    steps: usize,
+    decode_tokens: usize,
+    mut on_row: impl FnMut(&HistoryStepRow),
+) -> Result<Vec<HistoryStepRow>> {
+    if decode_tokens == 0 || steps == 0 {
+        return Err(EngineError::Option(
+            "--history-steps and --decode-tokens must be at least 1".into(),
+        ));
+    }
+    let generation = GenerationOptions {
+        max_new_tokens: decode_tokens,
+        greedy: Some(true),
+        ignore_eos: true,
+        ..Default::default()
+    };
+    let mut messages = Vec::new();
+    let mut rows: Vec<HistoryStepRow> = Vec::new();
+    for step in 1..=steps {
+        // A different screen every step: shift the picture so no two screenshots are equal.
+        let mut screen = synthetic_screenshot(w, h);
+        let shade = (step * 37 % 200) as u8;
+        for p in screen.pixels_mut().take(w as usize * 8) {
+            *p = Rgb([shade, 255 - shade, shade / 2]);
+        }
+        messages.push(Message::parts(
+            "user",
+            vec![
+                Part::Image(Arc::new(screen)),
+                Part::Text(format!("Step {step}: what do you do next?")),
+            ],
+        ));
+        let prompt = Prompt::new(messages.clone());
+        let start = Instant::now();
+        let out = model.generate(&prompt, &generation, |_| {})?;
+        let step_s = start.elapsed().as_secs_f64();
+        let first = rows.first().map_or(step_s, |r| r.step_s);
+        let row = HistoryStepRow {
+            step,
+            prompt_tokens: out.prompt_token_ids.len(),
+            reused_prompt_tokens: out.reused_prompt_tokens,
+            vision_s: out.timings.vision_s,
+            prefill_s: out.timings.prefill_s,
+            decode_s: if out.timings.decode_tokens_per_s > 0.0 {
+                out.token_ids.len() as f64 / out.timings.decode_tokens_per_s
+            } else {
+                0.0
+            },
+            step_s,
+            vs_first: step_s / first,
+        };
+        on_row(&row);
+        rows.push(row);
+        messages.push(Message::text("assistant", out.text));
     }
     Ok(rows)
 }

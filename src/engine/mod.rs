@@ -10,6 +10,8 @@ pub mod chat;
 pub mod config;
 pub mod error;
 pub mod image;
+pub mod linear;
+mod matvec;
 pub mod prefix;
 pub mod processor;
 pub mod prompt;
@@ -18,6 +20,7 @@ pub mod rope_index;
 pub mod sampling;
 pub mod text;
 pub mod vision;
+mod vision_cache;
 pub mod weights;
 
 use std::path::{Path, PathBuf};
@@ -27,6 +30,7 @@ use candle_core::{DType, Device, Tensor};
 
 pub use config::ModelConfig;
 pub use error::{EngineError, Result};
+pub use linear::Quantization;
 pub use processor::{PreparedPrompt, Processor};
 pub use prompt::{Content, Message, Part, Prompt};
 pub use rope_index::{GridThw, RopePositions};
@@ -46,6 +50,8 @@ pub struct LoadOptions {
     /// Overrides of the checkpoint's image pixel budget.
     pub min_pixels: Option<u64>,
     pub max_pixels: Option<u64>,
+    /// Store the language model's linear layers in this format (the vision tower stays dense).
+    pub quantize: Option<Quantization>,
 }
 
 impl Default for LoadOptions {
@@ -55,6 +61,7 @@ impl Default for LoadOptions {
             device: Device::Cpu,
             min_pixels: None,
             max_pixels: None,
+            quantize: None,
         }
     }
 }
@@ -68,6 +75,8 @@ pub enum FinishReason {
     /// A stop string (which one); the text ends before it.
     StopString(String),
     MaxTokens,
+    /// [`GenerationOptions::cancel`] was set; the text is what was generated until then.
+    Cancelled,
 }
 
 /// Seconds spent in each phase of one generation.
@@ -94,6 +103,9 @@ pub struct Generation {
     pub timings: Timings,
     /// Prompt tokens whose keys and values were reused from the previous call.
     pub reused_prompt_tokens: usize,
+    /// Images and videos after the reused prefix whose vision outputs came from the cache of
+    /// recently seen media instead of the vision tower.
+    pub reused_media: usize,
 }
 
 /// A loaded Qwen2-VL model with its tokenizer and processor.
@@ -109,6 +121,10 @@ pub struct Qwen2Vl {
     dir: PathBuf,
     /// What the decoder's KV cache holds, for reuse by the next call.
     cached: prefix::CachedPrefix,
+    /// Vision outputs of recent media by content hash.
+    vision_cache: vision_cache::VisionCache,
+    /// Cache hits of the current call (reported in [`Generation::reused_media`]).
+    reused_media: usize,
 }
 
 impl Qwen2Vl {
@@ -226,8 +242,13 @@ impl Qwen2Vl {
         }
         let vision =
             VisionTower::load(&config.vision, vb.pp(layout.vision)).map_err(tensor_error)?;
-        let text =
-            TextModel::load(&config.text, vb.pp(layout.text), vb.clone()).map_err(tensor_error)?;
+        let text = TextModel::load(
+            &config.text,
+            vb.pp(layout.text),
+            vb.clone(),
+            options.quantize,
+        )
+        .map_err(tensor_error)?;
         Ok(Self {
             config,
             vision,
@@ -239,6 +260,8 @@ impl Qwen2Vl {
             dtype: options.dtype,
             dir: dir.to_path_buf(),
             cached: prefix::CachedPrefix::default(),
+            vision_cache: vision_cache::VisionCache::default(),
+            reused_media: 0,
         })
     }
 
@@ -274,6 +297,44 @@ impl Qwen2Vl {
         let pixels = Tensor::from_vec(values, (rows, row_len), &self.device)?;
         let grids: Vec<GridThw> = media.iter().map(|m| m.grid_thw).collect();
         Ok(Some(self.vision.forward(&pixels, &grids)?))
+    }
+
+    /// Like [`Self::encode_media`], taking what it can from the vision cache (`hashes` are the
+    /// media's content hashes) and encoding the rest in one pass.
+    fn encode_media_cached(
+        &mut self,
+        media: &[PatchedMedia],
+        hashes: &[u64],
+    ) -> Result<Option<Tensor>> {
+        if media.is_empty() {
+            return Ok(None);
+        }
+        let mut found: Vec<Option<Tensor>> =
+            hashes.iter().map(|h| self.vision_cache.get(*h)).collect();
+        self.reused_media += found.iter().filter(|hit| hit.is_some()).count();
+        let missing: Vec<PatchedMedia> = media
+            .iter()
+            .zip(&found)
+            .filter(|(_, hit)| hit.is_none())
+            .map(|(m, _)| m.clone())
+            .collect();
+        if let Some(fresh) = self.encode_media(&missing)? {
+            let merge = self.config.vision.spatial_merge_size.pow(2);
+            let mut row = 0;
+            let slots = found
+                .iter_mut()
+                .zip(hashes)
+                .filter(|(hit, _)| hit.is_none());
+            for ((slot, hash), m) in slots.zip(&missing) {
+                let tokens = m.rows / merge;
+                let embeds = fresh.narrow(0, row, tokens)?;
+                row += tokens;
+                self.vision_cache.insert(*hash, embeds.clone());
+                *slot = Some(embeds);
+            }
+        }
+        let pieces: Vec<Tensor> = found.into_iter().flatten().collect();
+        Ok(Some(Tensor::cat(&pieces, 0)?))
     }
 
     /// Input embeddings `(1, len, hidden)` with the vision rows spliced in at the pad positions.
@@ -326,6 +387,11 @@ impl Qwen2Vl {
         Ok(Tensor::cat(&pieces, 0)?.unsqueeze(0)?)
     }
 
+    /// Bytes of language-model weights one decode step reads.
+    pub fn decode_weight_bytes(&mut self) -> usize {
+        self.text.decode_weight_bytes()
+    }
+
     /// Generates a completion of `prompt`. `on_text` receives the text as it is produced (never a
     /// partial UTF-8 character, never the beginning of a stop string that may still complete).
     pub fn generate(
@@ -363,6 +429,7 @@ impl Qwen2Vl {
         self.text.truncate_cache(reused);
 
         // Only media after the reused prefix go through the vision tower.
+        self.reused_media = 0;
         let vision_start = Instant::now();
         let starts_of = |pad: u32| -> Vec<usize> {
             spans
@@ -371,18 +438,39 @@ impl Qwen2Vl {
                 .map(|s| s.start)
                 .collect()
         };
-        let after_prefix = |media: &[PatchedMedia], starts: Vec<usize>| -> Vec<PatchedMedia> {
+        let after_prefix = |media: &[PatchedMedia],
+                            hashes: &[u64],
+                            starts: Vec<usize>|
+         -> (Vec<PatchedMedia>, Vec<u64>) {
             media
                 .iter()
+                .zip(hashes)
                 .zip(starts)
                 .filter(|(_, start)| *start >= reused)
-                .map(|(m, _)| m.clone())
-                .collect()
+                .map(|((m, h), _)| (m.clone(), *h))
+                .unzip()
         };
-        let new_images = after_prefix(&prepared.images, starts_of(special.image_pad.1));
-        let new_videos = after_prefix(&prepared.videos, starts_of(special.video_pad.1));
-        let image_embeds = self.encode_media(&new_images)?;
-        let video_embeds = self.encode_media(&new_videos)?;
+        let (new_images, new_image_hashes) = after_prefix(
+            &prepared.images,
+            &image_hashes,
+            starts_of(special.image_pad.1),
+        );
+        let (new_videos, new_video_hashes) = after_prefix(
+            &prepared.videos,
+            &video_hashes,
+            starts_of(special.video_pad.1),
+        );
+        let (image_embeds, video_embeds) = if options.reuse_cache {
+            (
+                self.encode_media_cached(&new_images, &new_image_hashes)?,
+                self.encode_media_cached(&new_videos, &new_video_hashes)?,
+            )
+        } else {
+            (
+                self.encode_media(&new_images)?,
+                self.encode_media(&new_videos)?,
+            )
+        };
         let vision_s = vision_start.elapsed().as_secs_f64();
 
         let prefill_start = Instant::now();
@@ -406,6 +494,10 @@ impl Qwen2Vl {
         let mut finish = FinishReason::MaxTokens;
         let decode_start = Instant::now();
         for step in 0..options.max_new_tokens {
+            if options.is_cancelled() {
+                finish = FinishReason::Cancelled;
+                break;
+            }
             let token = sampler.next(&logits, &context)?;
             generated.push(token);
             context.push(token);
@@ -464,6 +556,7 @@ impl Qwen2Vl {
                 },
             },
             reused_prompt_tokens: reused,
+            reused_media: self.reused_media,
         })
     }
 

@@ -3,6 +3,8 @@
 //! built on candle-transformers' `LogitsProcessor`.
 
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use candle_core::Tensor;
 use candle_transformers::generation::{LogitsProcessor, Sampling};
@@ -105,6 +107,18 @@ pub struct GenerationOptions {
     pub ignore_eos: bool,
     /// Reuse the KV cache of the previous call for a prompt that starts the same way.
     pub reuse_cache: bool,
+    /// Set from another thread to stop generating (a client went away, a task was cancelled);
+    /// checked before every new token.
+    pub cancel: Option<Arc<AtomicBool>>,
+}
+
+impl GenerationOptions {
+    /// Whether [`Self::cancel`] has been set.
+    pub fn is_cancelled(&self) -> bool {
+        self.cancel
+            .as_ref()
+            .is_some_and(|flag| flag.load(Ordering::Relaxed))
+    }
 }
 
 impl Default for GenerationOptions {
@@ -121,6 +135,7 @@ impl Default for GenerationOptions {
             top_logits: 0,
             ignore_eos: false,
             reuse_cache: true,
+            cancel: None,
         }
     }
 }

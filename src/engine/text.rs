@@ -3,7 +3,9 @@
 //! with the real context, and logits for the last position only.
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{Embedding, Linear, RmsNorm, VarBuilder};
+use candle_nn::{Embedding, RmsNorm, VarBuilder};
+
+use super::linear::{Quantization, TextLinear};
 
 use super::attention;
 use super::config::TextConfig;
@@ -110,10 +112,10 @@ pub fn mrope_tables(
 }
 
 struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
-    o_proj: Linear,
+    q_proj: TextLinear,
+    k_proj: TextLinear,
+    v_proj: TextLinear,
+    o_proj: TextLinear,
     num_heads: usize,
     num_kv_heads: usize,
     head_dim: usize,
@@ -123,10 +125,10 @@ impl Attention {
     fn load(cfg: &TextConfig, vb: VarBuilder) -> candle_core::Result<Self> {
         let (h, hd) = (cfg.hidden_size, cfg.head_dim());
         Ok(Self {
-            q_proj: candle_nn::linear(h, cfg.num_attention_heads * hd, vb.pp("q_proj"))?,
-            k_proj: candle_nn::linear(h, cfg.num_key_value_heads * hd, vb.pp("k_proj"))?,
-            v_proj: candle_nn::linear(h, cfg.num_key_value_heads * hd, vb.pp("v_proj"))?,
-            o_proj: candle_nn::linear_no_bias(cfg.num_attention_heads * hd, h, vb.pp("o_proj"))?,
+            q_proj: TextLinear::load(h, cfg.num_attention_heads * hd, true, vb.pp("q_proj"))?,
+            k_proj: TextLinear::load(h, cfg.num_key_value_heads * hd, true, vb.pp("k_proj"))?,
+            v_proj: TextLinear::load(h, cfg.num_key_value_heads * hd, true, vb.pp("v_proj"))?,
+            o_proj: TextLinear::load(cfg.num_attention_heads * hd, h, false, vb.pp("o_proj"))?,
             num_heads: cfg.num_attention_heads,
             num_kv_heads: cfg.num_key_value_heads,
             head_dim: hd,
@@ -164,22 +166,34 @@ impl Attention {
 
 struct DecoderLayer {
     attn: Attention,
-    gate: Linear,
-    up: Linear,
-    down: Linear,
+    gate: TextLinear,
+    up: TextLinear,
+    down: TextLinear,
     input_norm: RmsNorm,
     post_norm: RmsNorm,
 }
 
 impl DecoderLayer {
+    fn linears_mut(&mut self) -> [&mut TextLinear; 7] {
+        [
+            &mut self.attn.q_proj,
+            &mut self.attn.k_proj,
+            &mut self.attn.v_proj,
+            &mut self.attn.o_proj,
+            &mut self.gate,
+            &mut self.up,
+            &mut self.down,
+        ]
+    }
+
     fn load(cfg: &TextConfig, vb: VarBuilder) -> candle_core::Result<Self> {
         let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
         let mlp = vb.pp("mlp");
         Ok(Self {
             attn: Attention::load(cfg, vb.pp("self_attn"))?,
-            gate: candle_nn::linear_no_bias(h, i, mlp.pp("gate_proj"))?,
-            up: candle_nn::linear_no_bias(h, i, mlp.pp("up_proj"))?,
-            down: candle_nn::linear_no_bias(i, h, mlp.pp("down_proj"))?,
+            gate: TextLinear::load(h, i, false, mlp.pp("gate_proj"))?,
+            up: TextLinear::load(h, i, false, mlp.pp("up_proj"))?,
+            down: TextLinear::load(i, h, false, mlp.pp("down_proj"))?,
             input_norm: candle_nn::rms_norm(h, cfg.rms_norm_eps, vb.pp("input_layernorm"))?,
             post_norm: candle_nn::rms_norm(h, cfg.rms_norm_eps, vb.pp("post_attention_layernorm"))?,
         })
@@ -206,30 +220,60 @@ pub struct TextModel {
     embed: Embedding,
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
-    lm_head: Linear,
+    lm_head: TextLinear,
     caches: Vec<KvCache>,
     cfg: TextConfig,
 }
 
 impl TextModel {
     /// `model_vb` is rooted at the decoder (`model` or `model.language_model`); `lm_head_vb` at
-    /// the checkpoint root. A tied model reuses the embedding matrix as the output layer.
+    /// the checkpoint root. A tied model reuses the embedding matrix as the output layer. With
+    /// `quantize`, every linear layer (the output layer included; the embedding lookup stays
+    /// dense) is stored in that format.
     pub fn load(
         cfg: &TextConfig,
         model_vb: VarBuilder,
         root_vb: VarBuilder,
+        quantize: Option<Quantization>,
     ) -> candle_core::Result<Self> {
         let embed =
             candle_nn::embedding(cfg.vocab_size, cfg.hidden_size, model_vb.pp("embed_tokens"))?;
-        let layers = (0..cfg.num_hidden_layers)
-            .map(|i| DecoderLayer::load(cfg, model_vb.pp("layers").pp(i)))
-            .collect::<candle_core::Result<Vec<_>>>()?;
+        // Quantized layer by layer, so the whole decoder is never held in full precision.
+        let mut dense = 0;
+        let mut quantized = |linears: &mut [&mut TextLinear]| -> candle_core::Result<()> {
+            if let Some(format) = quantize {
+                for linear in linears {
+                    if !linear.quantize(format)? {
+                        dense += 1;
+                    }
+                }
+            }
+            Ok(())
+        };
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let mut layer = DecoderLayer::load(cfg, model_vb.pp("layers").pp(i))?;
+            quantized(&mut layer.linears_mut())?;
+            layers.push(layer);
+        }
         let norm = candle_nn::rms_norm(cfg.hidden_size, cfg.rms_norm_eps, model_vb.pp("norm"))?;
         let lm_head = if cfg.tie_word_embeddings {
-            Linear::new(embed.embeddings().clone(), None)
+            TextLinear::new(embed.embeddings().clone(), None)
         } else {
-            candle_nn::linear_no_bias(cfg.hidden_size, cfg.vocab_size, root_vb.pp("lm_head"))?
+            TextLinear::load(
+                cfg.hidden_size,
+                cfg.vocab_size,
+                false,
+                root_vb.pp("lm_head"),
+            )?
         };
+        let mut lm_head = lm_head;
+        quantized(&mut [&mut lm_head])?;
+        if let Some(format) = quantize.filter(|_| dense > 0) {
+            tracing::warn!(
+                "{dense} linear layer(s) stay dense: their rows do not divide into {format} blocks"
+            );
+        }
         Ok(Self {
             embed,
             layers,
@@ -242,6 +286,18 @@ impl TextModel {
 
     pub fn config(&self) -> &TextConfig {
         &self.cfg
+    }
+
+    fn linears_mut(&mut self) -> impl Iterator<Item = &mut TextLinear> {
+        self.layers
+            .iter_mut()
+            .flat_map(DecoderLayer::linears_mut)
+            .chain(std::iter::once(&mut self.lm_head))
+    }
+
+    /// Bytes of weights one decode step reads (every linear layer, the embedding row aside).
+    pub fn decode_weight_bytes(&mut self) -> usize {
+        self.linears_mut().map(|l| l.weight_bytes()).sum()
     }
 
     /// Token embeddings `(1, len, hidden)` for `ids`.

@@ -94,3 +94,39 @@ pub trait Environment: Send {
     /// What this environment is.
     fn describe(&self) -> Description;
 }
+
+/// What can be acted on now: the desktop's monitors and windows and the Android devices, and
+/// each source that could not be reached with why (`monitors`, `windows`, `android`).
+pub struct Inventory {
+    pub monitors: Option<Vec<desktop::MonitorInfo>>,
+    pub windows: Option<Vec<desktop::WindowInfo>>,
+    pub android: Option<Vec<android::DeviceInfo>>,
+    pub errors: serde_json::Map<String, serde_json::Value>,
+}
+
+/// Asks the display and the adb server what they have (blocking); windows are listed only when
+/// the display answered.
+pub fn inventory() -> Inventory {
+    let mut errors = serde_json::Map::new();
+    let mut note = |source: &str, e: String| {
+        errors.insert(source.into(), serde_json::Value::String(e));
+    };
+    let monitors = desktop::monitors()
+        .map_err(|e| note("monitors", e.to_string()))
+        .ok();
+    let windows = match monitors {
+        Some(_) => desktop::windows()
+            .map_err(|e| note("windows", e.to_string()))
+            .ok(),
+        None => None,
+    };
+    let android = android::list_devices()
+        .map_err(|e| note("android", e.to_string()))
+        .ok();
+    Inventory {
+        monitors,
+        windows,
+        android,
+        errors,
+    }
+}

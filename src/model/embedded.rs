@@ -3,7 +3,7 @@
 use serde_json::json;
 
 use super::{Completion, GenerationOptions, Model, Prompt, Result, StopReason};
-use crate::engine::{FinishReason, LoadOptions, Qwen2Vl};
+use crate::engine::{FinishReason, Generation, LoadOptions, Qwen2Vl};
 
 /// A loaded engine behind the [`Model`] trait.
 pub struct EmbeddedModel {
@@ -34,28 +34,36 @@ impl EmbeddedModel {
     }
 }
 
+/// The agent's view of one engine generation: text, why it stopped, token count and timings.
+pub(crate) fn completion_of(generation: Generation) -> Completion {
+    let stop = match generation.finish_reason {
+        FinishReason::Eos(_) => StopReason::EndOfTurn,
+        FinishReason::StopString(s) => StopReason::StopString(s),
+        FinishReason::MaxTokens => StopReason::Length,
+        FinishReason::Cancelled => StopReason::Cancelled,
+    };
+    let t = &generation.timings;
+    Completion {
+        text: generation.text,
+        stop,
+        tokens: Some(generation.token_ids.len()),
+        timings: json!({
+            "vision_s": t.vision_s,
+            "prefill_s": t.prefill_s,
+            "decode_tokens_per_s": t.decode_tokens_per_s,
+            "prompt_tokens": generation.prompt_token_ids.len(),
+            "reused_prompt_tokens": generation.reused_prompt_tokens,
+            "reused_media": generation.reused_media,
+        }),
+    }
+}
+
 impl Model for EmbeddedModel {
     fn generate(&mut self, prompt: &Prompt, options: &GenerationOptions) -> Result<Completion> {
         let generation = self.engine.generate(prompt, options, |text| {
             tracing::trace!(target: "vlad::model", "{text}");
         })?;
-        let stop = match generation.finish_reason {
-            FinishReason::Eos(_) => StopReason::EndOfTurn,
-            FinishReason::StopString(s) => StopReason::StopString(s),
-            FinishReason::MaxTokens => StopReason::Length,
-        };
-        let t = &generation.timings;
-        Ok(Completion {
-            text: generation.text,
-            stop,
-            tokens: Some(generation.token_ids.len()),
-            timings: json!({
-                "vision_s": t.vision_s,
-                "prefill_s": t.prefill_s,
-                "decode_tokens_per_s": t.decode_tokens_per_s,
-                "prompt_tokens": generation.prompt_token_ids.len(),
-            }),
-        })
+        Ok(completion_of(generation))
     }
 
     fn name(&self) -> String {

@@ -30,6 +30,8 @@ pub enum StopReason {
     StopString(String),
     /// The token budget ran out.
     Length,
+    /// Generation was cancelled (`GenerationOptions::cancel`).
+    Cancelled,
     /// The backend did not say.
     Unknown,
 }

@@ -1,0 +1,107 @@
+#!/usr/bin/env python3
+"""Runs `vlad bench` and the reference (scripts/bench_reference.py) one after the other in the same
+run, on the same sizes and dtypes, and prints the ratios against the targets of the speed work:
+
+  vision, prefill   reference time / vlad time         (target >= 2)
+  decode            vlad tokens/s / reference tokens/s, and vlad's weight bytes per second as a share
+                    of the read bandwidth measured in this run (target >= 90%)
+  quantized decode  vlad q8_0 / q4k tokens/s / reference bf16 tokens/s (target >= 2)
+  peak RSS          vlad / reference                    (target <= 1)
+
+Called by scripts/bench-vs-reference.sh (which builds vlad and sets up the reference's venv).
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TORCH_DTYPE = {"bf16": "bfloat16", "f32": "float32"}
+
+
+def run_json(cmd):
+    print("$ " + " ".join(cmd), file=sys.stderr, flush=True)
+    res = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+    if res.returncode != 0:
+        sys.exit(f"failed ({res.returncode}): {' '.join(cmd)}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def vlad_rows(args, dtype, sizes, quantize=None):
+    cmd = [args.vlad, "bench", "--config", "2b", "--tokenizer", args.tokenizer, "--sizes", sizes,
+           "--dtype", dtype, "--decode-tokens", str(args.decode_tokens), "--runs", str(args.runs), "--json"]
+    if quantize:
+        cmd += ["--quantize", quantize]
+    return {r["size"]: r for r in run_json(cmd)}
+
+
+def ref_result(args, dtype, sizes):
+    return run_json([sys.executable, os.path.join(HERE, "bench_reference.py"), "--tokenizer", args.tokenizer,
+                     "--dtype", TORCH_DTYPE[dtype], "--sizes", sizes, "--decode-tokens", str(args.decode_tokens),
+                     "--runs", str(args.runs)])
+
+
+def mark(ok):
+    return "ok " if ok else "BELOW"
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--vlad", required=True)
+    ap.add_argument("--tokenizer", default="tests/data/qwen2vl-tokenizer")
+    ap.add_argument("--sizes", default="640x360")
+    ap.add_argument("--dtypes", default="bf16,f32")
+    ap.add_argument("--quantize", default="q8_0,q4k", help="quantized decode runs ('' for none)")
+    ap.add_argument("--decode-tokens", type=int, default=16)
+    ap.add_argument("--runs", type=int, default=1)
+    ap.add_argument("--json-out", help="also write every measurement here")
+    args = ap.parse_args()
+
+    record = {"sizes": args.sizes, "dtypes": {}, "quantized": {}}
+    lines = []
+    bandwidths = []
+    ref_bf16_decode = {}
+    for dtype in [d for d in args.dtypes.split(",") if d]:
+        ref = ref_result(args, dtype, args.sizes)
+        ours = vlad_rows(args, dtype, args.sizes)
+        bandwidths.append(ref["bandwidth_gb_s"])
+        record["dtypes"][dtype] = {"reference": ref, "vlad": ours}
+        for r in ref["rows"]:
+            v = ours[r["size"]]
+            if dtype == "bf16":
+                ref_bf16_decode[r["size"]] = r["decode_tokens_per_s"]
+            vis = r["vision_s"] / v["vision_s"]
+            pre = r["prefill_s"] / v["prefill_s"]
+            dec = v["decode_tokens_per_s"] / r["decode_tokens_per_s"]
+            share = v["decode_gb_per_s"] / ref["bandwidth_gb_s"]
+            rss = (v["peak_rss_bytes"] or 0) / max(r["peak_rss_bytes"] or 1, 1)
+            lines.append(
+                f"{dtype:>5} {r['size']:>10} | vision {r['vision_s']:7.2f} / {v['vision_s']:7.2f} s = {vis:5.2f}x {mark(vis >= 2)}"
+                f" | prefill {r['prefill_s']:6.2f} / {v['prefill_s']:6.2f} s = {pre:5.2f}x {mark(pre >= 2)}"
+                f" | decode {v['decode_tokens_per_s']:5.2f} vs {r['decode_tokens_per_s']:5.2f} tok/s = {dec:4.2f}x,"
+                f" {v['decode_gb_per_s']:5.1f} GB/s = {share:4.0%} of {ref['bandwidth_gb_s']:.1f} {mark(share >= 0.9)}"
+                f" | peak RSS {v['peak_rss_bytes'] / 2**30:5.2f} / {r['peak_rss_bytes'] / 2**30:5.2f} GiB"
+                f" = {rss:4.2f} {mark(rss <= 1)}"
+                f"{'  (reference contended: ' + str(r['others_cpu_share_max']) + ')' if r['others_cpu_share_max'] > 0.1 else ''}")
+    smallest = args.sizes.split(",")[0]
+    for q in [q for q in args.quantize.split(",") if q]:
+        ours = vlad_rows(args, "f32", smallest, quantize=q)[smallest]
+        record["quantized"][q] = ours
+        base = ref_bf16_decode.get(smallest)
+        bw = max(bandwidths) if bandwidths else float("nan")
+        vs = f"{ours['decode_tokens_per_s'] / base:4.2f}x the reference's bf16 {mark(ours['decode_tokens_per_s'] / base >= 2)}" \
+            if base else "(no bf16 reference run)"
+        lines.append(f"{q:>5} {smallest:>10} | decode {ours['decode_tokens_per_s']:5.2f} tok/s = {vs}, "
+                     f"{ours['decode_gb_per_s']:5.1f} GB/s of weights = {ours['decode_gb_per_s'] / bw:4.0%} of the bandwidth"
+                     f" | peak RSS {ours['peak_rss_bytes'] / 2**30:5.2f} GiB")
+    print("\nreference / vlad, measured in this run (ratios > 1: vlad faster; targets: vision and prefill >= 2x,"
+          " decode >= 90% of bandwidth, quantized decode >= 2x reference bf16, RSS <= reference)")
+    print("\n".join(lines))
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump(record, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,379 @@
+//! A CPU matrix-vector kernel for decoding: one token's activations `x` (`in`) times a row-major
+//! weight `w` (`out × in`), the shape of every decoder projection while decoding.
+//!
+//! Decoding reads every weight once per token, so it is bound by memory bandwidth. A general
+//! gemm packs the weight matrix into blocks first, which reads and writes it again; this kernel
+//! streams each weight row once into a dot product instead, split over rayon's threads, with AVX2
+//! when the CPU has it (detected at run time). f32 and bf16 weights; the sum is kept in f32.
+
+use candle_core::{CpuStorage, DType, Device, Storage, Tensor};
+use half::bf16;
+use rayon::prelude::*;
+
+/// Lanes kept apart in a dot product: enough independent sums for the compiler to use whole
+/// vector registers without reordering a single sum (no fast-math needed).
+const LANES: usize = 16;
+
+/// `x · wᵀ` for `x` with one row (`[.., 1, in]` of any leading dims that multiply to 1) and a
+/// contiguous `w` of shape `(out, in)`, both on the CPU in f32 or both in bf16. The result has
+/// `x`'s shape with `in` replaced by `out`, in `x`'s dtype. `None` when the kernel does not
+/// apply (another device, dtype or layout), so the caller falls back to a general matmul.
+pub fn matvec(x: &Tensor, w: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    if !matches!(x.device(), Device::Cpu) || x.dtype() != w.dtype() {
+        return Ok(None);
+    }
+    let Some((&k, lead)) = x.dims().split_last() else {
+        return Ok(None);
+    };
+    if lead.iter().product::<usize>() != 1 || !x.is_contiguous() || !w.is_contiguous() {
+        return Ok(None);
+    }
+    let (n, wk) = w.dims2()?;
+    if wk != k {
+        return Ok(None);
+    }
+    let mut out_shape = x.dims().to_vec();
+    *out_shape.last_mut().expect("x has a last dim") = n;
+
+    let (x_storage, x_layout) = x.storage_and_layout();
+    let (w_storage, w_layout) = w.storage_and_layout();
+    let (Storage::Cpu(xs), Storage::Cpu(ws)) = (&*x_storage, &*w_storage) else {
+        return Ok(None);
+    };
+    let x_start = x_layout.start_offset();
+    let w_start = w_layout.start_offset();
+    let out = match (xs, ws, x.dtype()) {
+        (CpuStorage::F32(xv), CpuStorage::F32(wv), DType::F32) => {
+            let x = &xv[x_start..x_start + k];
+            let w = &wv[w_start..w_start + n * k];
+            Tensor::from_vec(rows_f32(x, w, n, k), out_shape, &Device::Cpu)?
+        }
+        (CpuStorage::BF16(xv), CpuStorage::BF16(wv), DType::BF16) => {
+            let x: Vec<f32> = xv[x_start..x_start + k]
+                .iter()
+                .map(|v| v.to_f32())
+                .collect();
+            let w = &wv[w_start..w_start + n * k];
+            let out: Vec<bf16> = rows_bf16(&x, w, n, k)
+                .into_iter()
+                .map(bf16::from_f32)
+                .collect();
+            Tensor::from_vec(out, out_shape, &Device::Cpu)?
+        }
+        _ => return Ok(None),
+    };
+    Ok(Some(out))
+}
+
+/// Rows per rayon task: big enough that a task streams a few hundred KiB, small enough that
+/// every thread gets several.
+fn rows_per_task(n: usize, k: usize) -> usize {
+    let threads = rayon::current_num_threads().max(1);
+    let by_threads = n.div_ceil(threads * 8);
+    let by_bytes = (256 * 1024 / (k * 4).max(1)).max(1);
+    by_threads.min(by_bytes).max(1)
+}
+
+fn rows_f32(x: &[f32], w: &[f32], n: usize, k: usize) -> Vec<f32> {
+    let mut out = vec![0f32; n];
+    let chunk = rows_per_task(n, k);
+    out.par_chunks_mut(chunk).enumerate().for_each(|(i, dst)| {
+        let rows = &w[i * chunk * k..(i * chunk + dst.len()) * k];
+        dots_f32(x, rows, dst);
+    });
+    out
+}
+
+fn rows_bf16(x: &[f32], w: &[bf16], n: usize, k: usize) -> Vec<f32> {
+    let mut out = vec![0f32; n];
+    let chunk = rows_per_task(n, k);
+    out.par_chunks_mut(chunk).enumerate().for_each(|(i, dst)| {
+        let rows = &w[i * chunk * k..(i * chunk + dst.len()) * k];
+        dots_bf16(x, rows, dst);
+    });
+    out
+}
+
+fn dots_f32(x: &[f32], rows: &[f32], dst: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2 (checked just above).
+        unsafe { dots_f32_avx2(x, rows, dst) };
+        return;
+    }
+    dots_f32_generic(x, rows, dst);
+}
+
+fn dots_bf16(x: &[f32], rows: &[bf16], dst: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2 (checked just above).
+        unsafe { dots_bf16_avx2(x, rows, dst) };
+        return;
+    }
+    dots_bf16_generic(x, rows, dst);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn dots_f32_avx2(x: &[f32], rows: &[f32], dst: &mut [f32]) {
+    dots_f32_generic(x, rows, dst)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn dots_bf16_avx2(x: &[f32], rows: &[bf16], dst: &mut [f32]) {
+    dots_bf16_generic(x, rows, dst)
+}
+
+#[inline(always)]
+fn dots_f32_generic(x: &[f32], rows: &[f32], dst: &mut [f32]) {
+    let k = x.len();
+    for (row, out) in rows.chunks_exact(k).zip(dst.iter_mut()) {
+        *out = dot(x, row, |v: &f32| *v);
+    }
+}
+
+#[inline(always)]
+fn dots_bf16_generic(x: &[f32], rows: &[bf16], dst: &mut [f32]) {
+    let k = x.len();
+    for (row, out) in rows.chunks_exact(k).zip(dst.iter_mut()) {
+        // bf16 is the upper half of an f32: widening is a shift, which vectorises.
+        *out = dot(x, row, |v: &bf16| {
+            f32::from_bits((v.to_bits() as u32) << 16)
+        });
+    }
+}
+
+#[inline(always)]
+fn dot<W>(x: &[f32], w: &[W], widen: impl Fn(&W) -> f32) -> f32 {
+    let mut acc = [0f32; LANES];
+    let mut xc = x.chunks_exact(LANES);
+    let mut wc = w.chunks_exact(LANES);
+    for (xs, ws) in (&mut xc).zip(&mut wc) {
+        for l in 0..LANES {
+            acc[l] += xs[l] * widen(&ws[l]);
+        }
+    }
+    let mut sum: f32 = acc.iter().sum();
+    for (a, b) in xc.remainder().iter().zip(wc.remainder()) {
+        sum += a * widen(b);
+    }
+    sum
+}
+
+/// Weights in blocks of 32 values sharing one scale (`w ≈ scale · q`, `q` an `i8` in
+/// [-127, 127], scale = max |w| / 127 of the block): the layout and rounding of GGML's Q8_0, with
+/// an f32 scale. Decoding multiplies them with f32 activations directly, so only the weights
+/// are approximated (1.125 bytes per weight instead of 4).
+pub struct Int8Rows {
+    n: usize,
+    k: usize,
+    q: Vec<i8>,
+    scales: Vec<f32>,
+}
+
+/// Values per Q8_0 block.
+pub const Q8_BLOCK: usize = 32;
+
+impl Int8Rows {
+    /// Quantizes the row-major `(n, k)` matrix `w`; `k` must be a multiple of [`Q8_BLOCK`].
+    pub fn quantize(w: &[f32], n: usize, k: usize) -> Self {
+        assert!(
+            k.is_multiple_of(Q8_BLOCK) && w.len() == n * k,
+            "({n}, {k}) in blocks of 32"
+        );
+        let mut q = vec![0i8; n * k];
+        let mut scales = vec![0f32; n * k / Q8_BLOCK];
+        q.par_chunks_mut(Q8_BLOCK)
+            .zip(scales.par_iter_mut())
+            .zip(w.par_chunks(Q8_BLOCK))
+            .for_each(|((qb, scale), wb)| {
+                let amax = wb.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let d = amax / 127.0;
+                let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+                for (qv, wv) in qb.iter_mut().zip(wb) {
+                    *qv = (wv * inv).round() as i8;
+                }
+                *scale = d;
+            });
+        Self { n, k, q, scales }
+    }
+
+    pub fn dims(&self) -> (usize, usize) {
+        (self.n, self.k)
+    }
+
+    /// Bytes held (values and scales).
+    pub fn bytes(&self) -> usize {
+        self.q.len() + self.scales.len() * 4
+    }
+
+    /// The approximated matrix, row-major f32.
+    pub fn dequantize(&self) -> Vec<f32> {
+        let mut out = vec![0f32; self.n * self.k];
+        out.par_chunks_mut(Q8_BLOCK)
+            .zip(self.q.par_chunks(Q8_BLOCK))
+            .zip(self.scales.par_iter())
+            .for_each(|((ob, qb), d)| {
+                for (o, q) in ob.iter_mut().zip(qb) {
+                    *o = *q as f32 * d;
+                }
+            });
+        out
+    }
+
+    /// `w · x` for one f32 vector of length `k`.
+    pub fn matvec(&self, x: &[f32]) -> Vec<f32> {
+        assert_eq!(x.len(), self.k);
+        let (k, blocks) = (self.k, self.k / Q8_BLOCK);
+        let mut out = vec![0f32; self.n];
+        let chunk = rows_per_task(self.n, k / 4);
+        out.par_chunks_mut(chunk).enumerate().for_each(|(i, dst)| {
+            let rows = i * chunk..i * chunk + dst.len();
+            let q = &self.q[rows.start * k..rows.end * k];
+            let scales = &self.scales[rows.start * blocks..rows.end * blocks];
+            dots_q8(x, q, scales, dst);
+        });
+        out
+    }
+}
+
+fn dots_q8(x: &[f32], q: &[i8], scales: &[f32], dst: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2 (checked just above).
+        unsafe { dots_q8_avx2(x, q, scales, dst) };
+        return;
+    }
+    dots_q8_generic(x, q, scales, dst);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn dots_q8_avx2(x: &[f32], q: &[i8], scales: &[f32], dst: &mut [f32]) {
+    dots_q8_generic(x, q, scales, dst)
+}
+
+#[inline(always)]
+fn dots_q8_generic(x: &[f32], q: &[i8], scales: &[f32], dst: &mut [f32]) {
+    let k = x.len();
+    let blocks = k / Q8_BLOCK;
+    for ((row, row_scales), out) in q
+        .chunks_exact(k)
+        .zip(scales.chunks_exact(blocks))
+        .zip(dst.iter_mut())
+    {
+        let mut acc = [0f32; LANES];
+        for ((xb, qb), d) in x
+            .chunks_exact(Q8_BLOCK)
+            .zip(row.chunks_exact(Q8_BLOCK))
+            .zip(row_scales)
+        {
+            let mut block = [0f32; LANES];
+            for l in 0..LANES {
+                block[l] = xb[l] * qb[l] as f32 + xb[l + LANES] * qb[l + LANES] as f32;
+            }
+            for l in 0..LANES {
+                acc[l] += block[l] * d;
+            }
+        }
+        *out = acc.iter().sum();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reference(x: &Tensor, w: &Tensor) -> Tensor {
+        x.to_dtype(DType::F32)
+            .unwrap()
+            .broadcast_matmul(&w.to_dtype(DType::F32).unwrap().t().unwrap())
+            .unwrap()
+    }
+
+    fn max_rel_diff(a: &Tensor, b: &Tensor) -> f32 {
+        let a: Vec<f32> = a
+            .to_dtype(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let b: Vec<f32> = b
+            .to_dtype(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
+        a.iter()
+            .zip(&b)
+            .fold(0f32, |m, (x, y)| m.max((x - y).abs() / scale))
+    }
+
+    #[test]
+    fn matches_matmul_in_f32_and_bf16_for_odd_sizes() {
+        for (n, k) in [(1, 1), (7, 33), (300, 1536), (129, 17)] {
+            let x = Tensor::randn(0f32, 1.0, (1, 1, k), &Device::Cpu).unwrap();
+            let w = Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu).unwrap();
+            let got = matvec(&x, &w).unwrap().expect("applies");
+            assert_eq!(got.dims(), &[1, 1, n]);
+            assert!(max_rel_diff(&got, &reference(&x, &w)) < 1e-5);
+
+            let (xb, wb) = (
+                x.to_dtype(DType::BF16).unwrap(),
+                w.to_dtype(DType::BF16).unwrap(),
+            );
+            let got = matvec(&xb, &wb).unwrap().expect("applies");
+            assert_eq!(got.dtype(), DType::BF16);
+            // Only the final rounding to bf16 differs from an f32 sum of the same values.
+            assert!(max_rel_diff(&got, &reference(&xb, &wb)) < 1e-2);
+        }
+    }
+
+    #[test]
+    fn int8_rows_round_like_q8_0_and_multiply_close_to_f32() {
+        let (n, k) = (70, 96);
+        let w = Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu).unwrap();
+        let x = Tensor::randn(0f32, 1.0, k, &Device::Cpu).unwrap();
+        let wv: Vec<f32> = w.flatten_all().unwrap().to_vec1().unwrap();
+        let xv: Vec<f32> = x.to_vec1().unwrap();
+        let q = Int8Rows::quantize(&wv, n, k);
+        assert_eq!(q.bytes(), n * k + n * k / 32 * 4);
+        // Each block's largest magnitude maps to ±127 exactly; every value within half a step.
+        let back = q.dequantize();
+        for (b, (orig, approx)) in wv.chunks(32).zip(back.chunks(32)).enumerate() {
+            let amax = orig.iter().fold(0f32, |m, v| m.max(v.abs()));
+            for (o, a) in orig.iter().zip(approx) {
+                assert!((o - a).abs() <= amax / 127.0 * 0.5 + 1e-6, "block {b}");
+            }
+        }
+        let exact = reference(&x.unsqueeze(0).unwrap(), &w);
+        let got = Tensor::from_vec(q.matvec(&xv), (1, n), &Device::Cpu).unwrap();
+        assert!(max_rel_diff(&got, &exact) < 0.02);
+        let from_dequantized = Tensor::from_vec(back, (n, k), &Device::Cpu).unwrap();
+        let same = reference(&x.unsqueeze(0).unwrap(), &from_dequantized);
+        assert!(
+            max_rel_diff(&got, &same) < 1e-5,
+            "matvec = dequantize then multiply"
+        );
+    }
+
+    #[test]
+    fn declines_what_it_does_not_handle() {
+        let w = Tensor::zeros((4, 8), DType::F32, &Device::Cpu).unwrap();
+        let two_rows = Tensor::zeros((1, 2, 8), DType::F32, &Device::Cpu).unwrap();
+        assert!(matvec(&two_rows, &w).unwrap().is_none());
+        let other_dtype = Tensor::zeros((1, 1, 8), DType::BF16, &Device::Cpu).unwrap();
+        assert!(matvec(&other_dtype, &w).unwrap().is_none());
+        let x = Tensor::zeros((1, 1, 4), DType::F32, &Device::Cpu).unwrap();
+        let transposed = Tensor::zeros((8, 4), DType::F32, &Device::Cpu)
+            .unwrap()
+            .t()
+            .unwrap();
+        assert!(matvec(&x, &transposed).unwrap().is_none());
+    }
+}
