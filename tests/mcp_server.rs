@@ -628,6 +628,10 @@ fn streamable_http_on_the_daemon_needs_the_token() -> Result<()> {
     }
 
     let rt = runtime();
+    let task_api = TaskApi {
+        url: url.clone(),
+        token: token.clone(),
+    };
     rt.block_on(async {
         let transport = StreamableHttpClientTransport::from_config(
             StreamableHttpClientTransportConfig::with_uri(format!("{url}/mcp")).auth_header(token),
@@ -663,11 +667,84 @@ fn streamable_http_on_the_daemon_needs_the_token() -> Result<()> {
         .await?;
         assert!(is_error(&bad) && text(&bad).contains("sideways"), "{bad}");
         ok(call(&session, "devices", json!({})).await?);
+
+        // One run per device: while a daemon task drives the desktop, MCP calls on it are
+        // refused (naming the task), on any monitor; afterwards they work again.
+        let id = tokio::task::spawn_blocking(move || task_api.run_waiting_task()).await??;
+        for device in ["desktop", "desktop:window:nothing"] {
+            let refused = call(
+                &session,
+                "click",
+                json!({"x": 10, "y": 10, "device": device}),
+            )
+            .await?;
+            assert!(
+                is_error(&refused) && text(&refused).contains(&id),
+                "{device}: {refused}"
+            );
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let clicked = call(&session, "click", json!({"x": 10, "y": 10})).await?;
+            if !is_error(&clicked) {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline && text(&clicked).contains(&id),
+                "{clicked}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
         session.cancel().await?;
         Ok::<_, anyhow::Error>(())
     })?;
     drop(daemon);
     Ok(())
+}
+
+/// The daemon's task API, over plain HTTP.
+struct TaskApi {
+    url: String,
+    token: String,
+}
+
+impl TaskApi {
+    /// Submits a task on the desktop that waits a few seconds, and returns its id once it runs.
+    fn run_waiting_task(&self) -> Result<String> {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(30)))
+            .build()
+            .into();
+        let mut replies: Vec<String> = (0..3)
+            .map(|_| r#"*FUNCTION*: Wait *ARGS*: {"seconds": 1}"#.to_string())
+            .collect();
+        replies.push(r#"*FUNCTION*: Finish *ARGS*: {"answer": "waited"}"#.to_string());
+        let body = json!({"task": "Wait a little", "device": "desktop", "replies": replies});
+        let mut response = agent
+            .post(format!("{}/v1/tasks", self.url))
+            .header("Authorization", format!("Bearer {}", self.token))
+            .header("Content-Type", "application/json")
+            .send(body.to_string().as_str())?;
+        let record: Value = serde_json::from_slice(&response.body_mut().read_to_vec()?)?;
+        anyhow::ensure!(response.status() == 201, "submit: {record}");
+        let id = record["id"].as_str().context("id")?.to_string();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let mut response = agent
+                .get(format!("{}/v1/tasks/{id}", self.url))
+                .header("Authorization", format!("Bearer {}", self.token))
+                .call()?;
+            let record: Value = serde_json::from_slice(&response.body_mut().read_to_vec()?)?;
+            match record["state"].as_str() {
+                Some("running") => return Ok(id),
+                Some("queued") if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(50))
+                }
+                _ => anyhow::bail!("the task did not start: {record}"),
+            }
+        }
+    }
 }
 
 /// A running `vlad serve`, killed on drop.

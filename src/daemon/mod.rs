@@ -31,6 +31,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 
 use crate::engine::{EngineError, LoadOptions, Qwen2Vl};
+use crate::environment::claims::DeviceClaims;
 
 pub use api_error::ApiError;
 pub use auth::{AuthError, load_or_create_token};
@@ -156,6 +157,8 @@ pub struct AppState {
     token: Option<String>,
     allow_local_files: bool,
     tasks: Arc<task_runner::TaskManager>,
+    /// Real devices held by a task or an MCP client's run_task.
+    device_claims: DeviceClaims,
     limits: Limits,
     /// Chat completions admitted and not yet answered.
     pending_chats: AtomicUsize,
@@ -191,7 +194,11 @@ pub fn router(state: Arc<AppState>, body_limit: usize) -> Router {
         // loopback-only Host check.
         .nest_service(
             "/mcp",
-            crate::mcp::http_service(mcp_models(&state), state.token.is_none()),
+            crate::mcp::http_service(
+                mcp_models(&state),
+                state.token.is_none(),
+                state.device_claims.clone(),
+            ),
         )
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
@@ -291,10 +298,14 @@ pub async fn serve(
         source,
     })?;
     let max_queued = options.limits.max_queued_tasks;
-    let tasks =
-        tokio::task::spawn_blocking(move || task_runner::TaskManager::open(store, max_queued))
-            .await
-            .map_err(|e| DaemonError::Loader(e.to_string()))?;
+    // One run per real device, whether it came through the task API or an MCP client.
+    let device_claims = DeviceClaims::new();
+    let claims = device_claims.clone();
+    let tasks = tokio::task::spawn_blocking(move || {
+        task_runner::TaskManager::open(store, max_queued, claims)
+    })
+    .await
+    .map_err(|e| DaemonError::Loader(e.to_string()))?;
     tracing::info!(model = %options.model, "loading the model");
     let model = options.model.clone();
     let load = options.load.clone();
@@ -322,6 +333,7 @@ pub async fn serve(
         token,
         allow_local_files: options.allow_local_files,
         tasks: tasks.clone(),
+        device_claims,
         limits: options.limits.clone(),
         pending_chats: AtomicUsize::new(0),
     });

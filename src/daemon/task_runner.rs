@@ -22,6 +22,7 @@ use crate::agent::{
     Agent, Event, Hooks, Profile, RunOptions, RunReport, RunStatus, StopSignal, open_environment,
 };
 use crate::engine::Qwen2Vl;
+use crate::environment::claims::DeviceClaims;
 use crate::model::{Model, ReplayModel};
 
 /// Finished tasks whose records stay in memory; older ones are read from disk.
@@ -136,13 +137,15 @@ impl Inner {
 /// Every task of this data dir.
 pub struct TaskManager {
     store: TaskStore,
+    /// Real devices held by runs, shared with the daemon's MCP tools.
+    claims: DeviceClaims,
     inner: Mutex<Inner>,
     max_queued: usize,
 }
 
 impl TaskManager {
     /// Reads the stored tasks back (marking unfinished ones interrupted).
-    pub fn open(store: TaskStore, max_queued: usize) -> Arc<Self> {
+    pub fn open(store: TaskStore, max_queued: usize, claims: DeviceClaims) -> Arc<Self> {
         let mut inner = Inner::default();
         for record in store.load_all() {
             let Some(n) = record.number() else { continue };
@@ -161,11 +164,26 @@ impl TaskManager {
             );
         }
         inner.evict();
-        Arc::new(Self {
+        let manager = Arc::new(Self {
             store,
+            claims: claims.clone(),
             inner: Mutex::new(inner),
             max_queued,
-        })
+        });
+        let weak = Arc::downgrade(&manager);
+        // On a thread of its own: a claim may be released while this manager's lock is held.
+        claims.on_release(move |key| {
+            let (weak, key) = (weak.clone(), key.to_string());
+            let _ = std::thread::Builder::new()
+                .name("vlad-device-free".into())
+                .spawn(move || {
+                    if let Some(manager) = weak.upgrade() {
+                        let mut inner = manager.lock();
+                        manager.start_next(&mut inner, &key);
+                    }
+                });
+        });
+        manager
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -247,6 +265,22 @@ impl TaskManager {
         if inner.busy.contains(key) || inner.shutting_down {
             return;
         }
+        let Some(&first) = inner.queues.get(key).and_then(VecDeque::front) else {
+            return;
+        };
+        // A real device may be held by an MCP client's run_task: wait for its release (the
+        // listener registered in `open` starts the queue again then).
+        let claim = if key.starts_with("virtual") {
+            None
+        } else {
+            match self.claims.try_claim(key, &format!("task-{first}")) {
+                Ok(claim) => Some(claim),
+                Err(holder) => {
+                    tracing::info!("task-{first} waits: {key} is held by {holder}");
+                    return;
+                }
+            }
+        };
         let Some(n) = inner.queues.get_mut(key).and_then(VecDeque::pop_front) else {
             return;
         };
@@ -279,6 +313,8 @@ impl TaskManager {
                         .unwrap_or_else(|| "unknown panic".into());
                     Err(format!("the run crashed: {what}"))
                 });
+                // The device is free for others before the next task of its queue starts.
+                drop(claim);
                 manager.finish(n, outcome);
             });
         if let Err(e) = spawned {
@@ -603,5 +639,69 @@ impl Hooks for TaskHooks {
                 );
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn finish_job(key: &str) -> Job {
+        let profile = Profile::load("virtual").unwrap();
+        Job {
+            task: "Say ok".into(),
+            profile_name: "virtual".into(),
+            agent: Agent::new(profile.clone()).unwrap(),
+            profile,
+            device: DeviceSpec {
+                label: key.into(),
+                key: key.into(),
+                open_arg: None,
+            },
+            backend: Backend::Replay(ReplayModel::from_replies(
+                "test replies",
+                vec![r#" *FUNCTION*: Finish *ARGS*: {"answer": "ok"}"#.into()],
+            )),
+            dry_run: false,
+            max_steps: None,
+            max_seconds: None,
+        }
+    }
+
+    fn wait_state(manager: &TaskManager, id: &str, want: TaskState) -> TaskRecord {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let record = manager.get(id).unwrap();
+            if record.state == want || Instant::now() > deadline {
+                return record;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    #[test]
+    fn a_device_held_elsewhere_keeps_its_tasks_queued_until_released() {
+        let dir = tempfile::tempdir().unwrap();
+        let claims = DeviceClaims::new();
+        let manager = TaskManager::open(TaskStore::open(dir.path()).unwrap(), 8, claims.clone());
+        let held = claims.try_claim("desktop", "an MCP run_task").unwrap();
+        let record = manager.submit(finish_job("desktop")).unwrap();
+        // Another device's queue is not held up.
+        let other = manager.submit(finish_job("adb:emulator-5554")).unwrap();
+        assert_eq!(
+            wait_state(&manager, &other.id, TaskState::Done).state,
+            TaskState::Done
+        );
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(manager.get(&record.id).unwrap().state, TaskState::Queued);
+        drop(held);
+        let done = wait_state(&manager, &record.id, TaskState::Done);
+        assert_eq!(done.state, TaskState::Done, "{done:?}");
+        assert!(claims.holder("desktop").is_none(), "released after the run");
+        let again = manager.submit(finish_job("desktop")).unwrap();
+        assert_eq!(
+            wait_state(&manager, &again.id, TaskState::Done).state,
+            TaskState::Done
+        );
     }
 }

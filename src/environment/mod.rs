@@ -7,6 +7,7 @@
 //! model coordinates into screenshot pixels.
 
 pub mod android;
+pub mod claims;
 pub mod desktop;
 pub mod virtual_screen;
 

@@ -6,12 +6,13 @@
 //! dropped and opened again on the next call. A device running a task refuses other actions
 //! until the task ends.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use serde_json::{Value, json};
 
 use crate::environment::android::AndroidDevice;
+use crate::environment::claims::{Claim, DeviceClaims, device_key};
 use crate::environment::desktop::{DesktopEnvironment, DesktopTarget};
 use crate::environment::{Environment, EnvironmentError, EnvironmentKind};
 
@@ -47,6 +48,15 @@ impl DeviceSpec {
             ));
         }
         Ok(Self::Android(device.to_string()))
+    }
+
+    /// The physical device, as runs claim it ([`device_key`]): every desktop target is the
+    /// one display.
+    fn claim_key(&self) -> String {
+        match self {
+            Self::Desktop(_) => device_key(&EnvironmentKind::Desktop, None),
+            Self::Android(serial) => device_key(&EnvironmentKind::Android, Some(serial)),
+        }
     }
 
     /// The canonical name (the key environments are kept under).
@@ -85,37 +95,30 @@ impl DeviceSpec {
 
 type Shared = Arc<Mutex<Box<dyn Environment>>>;
 
-/// The open environments, by device.
-#[derive(Default)]
+/// The open environments, by device, and which devices run a task.
 pub struct Devices {
     open: Mutex<HashMap<String, Shared>>,
-    running: Mutex<HashSet<String>>,
+    claims: DeviceClaims,
 }
 
 /// Marks a device as running a task until dropped.
 pub struct TaskGuard<'a> {
-    devices: &'a Devices,
-    key: String,
-}
-
-impl Drop for TaskGuard<'_> {
-    fn drop(&mut self) {
-        self.devices
-            .running
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&self.key);
-    }
+    _devices: &'a Devices,
+    _claim: Claim,
 }
 
 impl Devices {
-    pub fn new() -> Self {
-        Self::default()
+    /// `claims` is shared with whatever else runs tasks on these devices (the daemon's queue).
+    pub fn new(claims: DeviceClaims) -> Self {
+        Self {
+            open: Mutex::new(HashMap::new()),
+            claims,
+        }
     }
 
-    fn busy_error(key: &str) -> String {
+    fn busy_error(key: &str, holder: &str) -> String {
         format!(
-            "device {key} is running a task; wait until run_task returns (or cancel it) and try again"
+            "device {key} is running a task ({holder}); wait until it ends (or cancel it) and try again"
         )
     }
 
@@ -149,14 +152,8 @@ impl Devices {
         spec: &DeviceSpec,
         f: impl FnOnce(&mut dyn Environment) -> Result<R, EnvironmentError>,
     ) -> Result<R, String> {
-        let key = spec.key();
-        if self
-            .running
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .contains(&key)
-        {
-            return Err(Self::busy_error(&key));
+        if let Some(holder) = self.claims.holder(&spec.claim_key()) {
+            return Err(Self::busy_error(&spec.key(), &holder));
         }
         self.with_unchecked(spec, f)
     }
@@ -180,12 +177,14 @@ impl Devices {
 
     /// Claims the device for a task: other tool calls on it are refused until the guard drops.
     pub fn claim(&self, spec: &DeviceSpec) -> Result<TaskGuard<'_>, String> {
-        let key = spec.key();
-        let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
-        if !running.insert(key.clone()) {
-            return Err(Self::busy_error(&key));
-        }
-        Ok(TaskGuard { devices: self, key })
+        let claim = self
+            .claims
+            .try_claim(&spec.claim_key(), "an MCP run_task")
+            .map_err(|holder| Self::busy_error(&spec.key(), &holder))?;
+        Ok(TaskGuard {
+            _devices: self,
+            _claim: claim,
+        })
     }
 
     /// Runs a task's `f` on a device claimed with [`Self::claim`].
@@ -271,7 +270,7 @@ mod tests {
 
     #[test]
     fn a_claimed_device_refuses_other_calls() {
-        let devices = Devices::new();
+        let devices = Devices::new(DeviceClaims::new());
         let spec = DeviceSpec::Android("serial-1".into());
         let guard = devices.claim(&spec);
         assert!(guard.is_ok());

@@ -16,6 +16,8 @@ use rmcp::ServiceExt;
 use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
 use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, StreamableHttpService};
 
+use crate::environment::claims::DeviceClaims;
+
 pub use models::{LazyModel, ModelSource, NoModel};
 pub use server::McpServer;
 
@@ -50,8 +52,9 @@ pub async fn serve_stdio(server: McpServer) -> Result<(), McpError> {
 pub fn http_service(
     models: Arc<dyn ModelSource>,
     check_host: bool,
+    claims: DeviceClaims,
 ) -> StreamableHttpService<McpServer, LocalSessionManager> {
-    let server = McpServer::new(models);
+    let server = McpServer::with_claims(models, claims);
     let mut config = StreamableHttpServerConfig::default();
     if !check_host {
         config = config.disable_allowed_hosts();

@@ -35,6 +35,7 @@ use crate::action::Action;
 use crate::agent::{
     self, Agent, AgentError, Ending, Event, Hooks, Profile, RunOptions, Secrets, StopSignal,
 };
+use crate::environment::claims::DeviceClaims;
 use crate::environment::{EnvironmentKind, Outcome};
 
 /// Most wheel notches one scroll call may ask for.
@@ -91,9 +92,15 @@ pub struct McpServer {
 
 impl McpServer {
     pub fn new(models: Arc<dyn ModelSource>) -> Self {
+        Self::with_claims(models, DeviceClaims::new())
+    }
+
+    /// A server whose runs share `claims` with other users of the devices (the daemon's
+    /// task queue), so one device never runs two tasks at once.
+    pub fn with_claims(models: Arc<dyn ModelSource>, claims: DeviceClaims) -> Self {
         Self {
             inner: Arc::new(Inner {
-                devices: Devices::new(),
+                devices: Devices::new(claims),
                 models,
             }),
             tool_router: Self::tool_router(),

@@ -8,17 +8,17 @@
 
 pub mod assertion;
 pub mod cache;
+pub mod file;
 pub mod junit;
 mod runner;
-pub mod file;
 pub mod target;
 
 use std::path::{Path, PathBuf};
 
 use crate::model::Model;
 
-pub use runner::run_script;
 pub use file::{Script, ScriptError};
+pub use runner::run_script;
 
 /// Why a test file could not be run at all (single tests that cannot run are
 /// [`CaseStatus::Error`] instead).
