@@ -372,12 +372,28 @@ fn cli_generate_streams_text_with_prompt_and_image() {
     );
 }
 
-#[test]
-fn cli_bench_reports_one_row_per_size() {
+/// `vlad bench --config FIXTURE ARGS --json`, which must succeed; its rows.
+fn bench_json(model: &str, args: &[&str]) -> Value {
     let out = Command::new(env!("CARGO_BIN_EXE_vlad"))
         .args(["bench", "--config"])
-        .arg(fixtures().join("tiny-b"))
-        .args([
+        .arg(fixtures().join(model))
+        .args(args)
+        .arg("--json")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn cli_bench_reports_one_row_per_size() {
+    let rows = bench_json(
+        "tiny-b",
+        &[
             "--sizes",
             "64x64,333x217",
             "--decode-tokens",
@@ -386,16 +402,8 @@ fn cli_bench_reports_one_row_per_size() {
             "f32",
             "--runs",
             "0",
-            "--json",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        ],
     );
-    let rows: Value = serde_json::from_slice(&out.stdout).unwrap();
     let rows = rows.as_array().unwrap();
     assert_eq!(rows.len(), 2);
     assert_eq!(rows[1]["size"], "333x217");
@@ -539,10 +547,9 @@ fn vision_outputs_of_an_image_seen_before_are_reused_after_a_changed_prefix() {
 
 #[test]
 fn cli_bench_history_steps_reuse_the_previous_steps() {
-    let out = Command::new(env!("CARGO_BIN_EXE_vlad"))
-        .args(["bench", "--config"])
-        .arg(fixtures().join("tiny-a"))
-        .args([
+    let rows = bench_json(
+        "tiny-a",
+        &[
             "--sizes",
             "112x84",
             "--decode-tokens",
@@ -551,16 +558,8 @@ fn cli_bench_history_steps_reuse_the_previous_steps() {
             "f32",
             "--history-steps",
             "3",
-            "--json",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        ],
     );
-    let rows: Value = serde_json::from_slice(&out.stdout).unwrap();
     let rows = rows.as_array().unwrap();
     assert_eq!(rows.len(), 3);
     assert_eq!(rows[0]["reused_prompt_tokens"], 0);

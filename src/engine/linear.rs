@@ -64,7 +64,8 @@ enum Weight {
     /// `(out, in)`, row-major.
     Dense(Tensor),
     Int8(Arc<matvec::Int8Rows>),
-    Ggml(Arc<QTensor>),
+    /// The quantized tensor (dequantized for prompts) and candle's matmul over it (one token).
+    Ggml(Arc<QTensor>, QMatMul),
 }
 
 /// `y = x · Wᵀ (+ b)` over the last dimension of `x`.
@@ -112,10 +113,10 @@ impl TextLinear {
                 let values: Vec<f32> = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
                 Weight::Int8(Arc::new(matvec::Int8Rows::quantize(&values, n, k)))
             }
-            Quantization::Q4K => Weight::Ggml(Arc::new(QTensor::quantize(
-                &w.to_dtype(DType::F32)?,
-                format.ggml(),
-            )?)),
+            Quantization::Q4K => {
+                let q = Arc::new(QTensor::quantize(&w.to_dtype(DType::F32)?, format.ggml())?);
+                Weight::Ggml(q.clone(), QMatMul::from_arc(q)?)
+            }
         };
         Ok(true)
     }
@@ -125,7 +126,7 @@ impl TextLinear {
         match &self.weight {
             Weight::Dense(w) => w.elem_count() * w.dtype().size_in_bytes(),
             Weight::Int8(q) => q.bytes(),
-            Weight::Ggml(q) => q.storage_size_in_bytes(),
+            Weight::Ggml(q, _) => q.storage_size_in_bytes(),
         }
     }
 }
@@ -151,10 +152,10 @@ impl Module for TextLinear {
                     matmul_2d(x, &w)?
                 }
             }
-            Weight::Ggml(q) => {
+            Weight::Ggml(q, matmul) => {
                 let k = q.shape().dims2()?.1;
                 if x.elem_count() == k {
-                    QMatMul::from_arc(q.clone())?
+                    matmul
                         .forward(&x.to_dtype(DType::F32)?)?
                         .to_dtype(x.dtype())?
                 } else {
