@@ -5,7 +5,7 @@
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Embedding, RmsNorm, VarBuilder};
 
-use super::linear::{Quantization, TextLinear};
+use super::linear::{Linear, Quantization};
 
 use super::attention;
 use super::config::TextConfig;
@@ -112,10 +112,10 @@ pub fn mrope_tables(
 }
 
 struct Attention {
-    q_proj: TextLinear,
-    k_proj: TextLinear,
-    v_proj: TextLinear,
-    o_proj: TextLinear,
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
     num_heads: usize,
     num_kv_heads: usize,
     head_dim: usize,
@@ -125,10 +125,10 @@ impl Attention {
     fn load(cfg: &TextConfig, vb: VarBuilder) -> candle_core::Result<Self> {
         let (h, hd) = (cfg.hidden_size, cfg.head_dim());
         Ok(Self {
-            q_proj: TextLinear::load(h, cfg.num_attention_heads * hd, true, vb.pp("q_proj"))?,
-            k_proj: TextLinear::load(h, cfg.num_key_value_heads * hd, true, vb.pp("k_proj"))?,
-            v_proj: TextLinear::load(h, cfg.num_key_value_heads * hd, true, vb.pp("v_proj"))?,
-            o_proj: TextLinear::load(cfg.num_attention_heads * hd, h, false, vb.pp("o_proj"))?,
+            q_proj: Linear::load(h, cfg.num_attention_heads * hd, true, vb.pp("q_proj"))?,
+            k_proj: Linear::load(h, cfg.num_key_value_heads * hd, true, vb.pp("k_proj"))?,
+            v_proj: Linear::load(h, cfg.num_key_value_heads * hd, true, vb.pp("v_proj"))?,
+            o_proj: Linear::load(cfg.num_attention_heads * hd, h, false, vb.pp("o_proj"))?,
             num_heads: cfg.num_attention_heads,
             num_kv_heads: cfg.num_key_value_heads,
             head_dim: hd,
@@ -166,15 +166,15 @@ impl Attention {
 
 struct DecoderLayer {
     attn: Attention,
-    gate: TextLinear,
-    up: TextLinear,
-    down: TextLinear,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
     input_norm: RmsNorm,
     post_norm: RmsNorm,
 }
 
 impl DecoderLayer {
-    fn linears_mut(&mut self) -> [&mut TextLinear; 7] {
+    fn linears_mut(&mut self) -> [&mut Linear; 7] {
         [
             &mut self.attn.q_proj,
             &mut self.attn.k_proj,
@@ -191,9 +191,9 @@ impl DecoderLayer {
         let mlp = vb.pp("mlp");
         Ok(Self {
             attn: Attention::load(cfg, vb.pp("self_attn"))?,
-            gate: TextLinear::load(h, i, false, mlp.pp("gate_proj"))?,
-            up: TextLinear::load(h, i, false, mlp.pp("up_proj"))?,
-            down: TextLinear::load(i, h, false, mlp.pp("down_proj"))?,
+            gate: Linear::load(h, i, false, mlp.pp("gate_proj"))?,
+            up: Linear::load(h, i, false, mlp.pp("up_proj"))?,
+            down: Linear::load(i, h, false, mlp.pp("down_proj"))?,
             input_norm: candle_nn::rms_norm(h, cfg.rms_norm_eps, vb.pp("input_layernorm"))?,
             post_norm: candle_nn::rms_norm(h, cfg.rms_norm_eps, vb.pp("post_attention_layernorm"))?,
         })
@@ -220,7 +220,7 @@ pub struct TextModel {
     embed: Embedding,
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
-    lm_head: TextLinear,
+    lm_head: Linear,
     caches: Vec<KvCache>,
     cfg: TextConfig,
 }
@@ -240,12 +240,17 @@ impl TextModel {
             candle_nn::embedding(cfg.vocab_size, cfg.hidden_size, model_vb.pp("embed_tokens"))?;
         // Quantized layer by layer, so the whole decoder is never held in full precision.
         let mut dense = 0;
-        let mut quantized = |linears: &mut [&mut TextLinear]| -> candle_core::Result<()> {
-            if let Some(format) = quantize {
-                for linear in linears {
-                    if !linear.quantize(format)? {
-                        dense += 1;
+        // Without quantization, bf16 weights are packed for the CPU kernel where it runs.
+        let mut quantized = |linears: &mut [&mut Linear], pack: bool| -> candle_core::Result<()> {
+            for linear in linears {
+                match quantize {
+                    Some(format) => {
+                        if !linear.quantize(format)? {
+                            dense += 1;
+                        }
                     }
+                    None if pack => linear.pack_for_cpu()?,
+                    None => {}
                 }
             }
             Ok(())
@@ -253,22 +258,26 @@ impl TextModel {
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
             let mut layer = DecoderLayer::load(cfg, model_vb.pp("layers").pp(i))?;
-            quantized(&mut layer.linears_mut())?;
+            quantized(&mut layer.linears_mut(), true)?;
             layers.push(layer);
         }
         let norm = candle_nn::rms_norm(cfg.hidden_size, cfg.rms_norm_eps, model_vb.pp("norm"))?;
         let lm_head = if cfg.tie_word_embeddings {
-            TextLinear::new(embed.embeddings().clone(), None)
+            // shared with the embedding lookup: packing would hold the matrix twice, so a tied
+            // head stays dense unless quantized (it only ever sees one row per step)
+            let mut head = Linear::new(embed.embeddings().clone(), None);
+            quantized(&mut [&mut head], false)?;
+            head
         } else {
-            TextLinear::load(
+            let mut head = Linear::load(
                 cfg.hidden_size,
                 cfg.vocab_size,
                 false,
                 root_vb.pp("lm_head"),
-            )?
+            )?;
+            quantized(&mut [&mut head], true)?;
+            head
         };
-        let mut lm_head = lm_head;
-        quantized(&mut [&mut lm_head])?;
         if let Some(format) = quantize.filter(|_| dense > 0) {
             tracing::warn!(
                 "{dense} linear layer(s) stay dense: their rows do not divide into {format} blocks"
@@ -288,7 +297,7 @@ impl TextModel {
         &self.cfg
     }
 
-    fn linears_mut(&mut self) -> impl Iterator<Item = &mut TextLinear> {
+    fn linears_mut(&mut self) -> impl Iterator<Item = &mut Linear> {
         self.layers
             .iter_mut()
             .flat_map(DecoderLayer::linears_mut)

@@ -3,10 +3,11 @@
 //! and the 2×2 patch merger that maps vision features into the language model's width.
 
 use candle_core::{DType, Device, IndexOp, Module, Tensor};
-use candle_nn::{LayerNorm, LayerNormConfig, Linear, VarBuilder};
+use candle_nn::{LayerNorm, LayerNormConfig, VarBuilder};
 
 use super::attention;
 use super::config::VisionConfig;
+use super::linear::Linear;
 use super::rope_index::GridThw;
 
 const LAYER_NORM_EPS: f64 = 1e-6;
@@ -18,6 +19,13 @@ fn layer_norm(size: usize, vb: VarBuilder) -> candle_core::Result<LayerNorm> {
         ..Default::default()
     };
     candle_nn::layer_norm(size, cfg, vb)
+}
+
+/// A linear layer with bias, packed for the CPU's bf16 kernel where that applies.
+fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> candle_core::Result<Linear> {
+    let mut layer = Linear::load(in_dim, out_dim, true, vb)?;
+    layer.pack_for_cpu()?;
+    Ok(layer)
 }
 
 fn quick_gelu(x: &Tensor) -> candle_core::Result<Tensor> {
@@ -35,8 +43,8 @@ impl VisionAttention {
     fn load(cfg: &VisionConfig, vb: VarBuilder) -> candle_core::Result<Self> {
         let dim = cfg.embed_dim;
         Ok(Self {
-            qkv: candle_nn::linear(dim, 3 * dim, vb.pp("qkv"))?,
-            proj: candle_nn::linear(dim, dim, vb.pp("proj"))?,
+            qkv: linear(dim, 3 * dim, vb.pp("qkv"))?,
+            proj: linear(dim, dim, vb.pp("proj"))?,
             num_heads: cfg.num_heads,
             head_dim: cfg.head_dim(),
         })
@@ -54,17 +62,20 @@ impl VisionAttention {
             .qkv
             .forward(x)?
             .reshape((n, 3, self.num_heads, self.head_dim))?;
-        // Rotary embeddings are applied in f32, as the reference does.
+        // Rotary embeddings are applied in f32 and rounded back to the model's dtype, as the
+        // reference does; attention then runs in that dtype (f32 sums).
         let rotate = |t: Tensor| -> candle_core::Result<Tensor> {
             let t = t.to_dtype(DType::F32)?.unsqueeze(0)?.contiguous()?;
-            candle_nn::rotary_emb::rope_thd(&t, cos, sin)?.squeeze(0)
+            candle_nn::rotary_emb::rope_thd(&t, cos, sin)?
+                .squeeze(0)?
+                .to_dtype(x.dtype())
         };
         let q = rotate(qkv.i((.., 0))?)?;
         let k = rotate(qkv.i((.., 1))?)?;
-        let v = qkv.i((.., 2))?.to_dtype(DType::F32)?.contiguous()?;
+        let v = qkv.i((.., 2))?.contiguous()?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         let out = attention::block_diagonal(&q, &k, &v, frame_lens, scale)?;
-        let out = out.reshape((n, dim))?.to_dtype(x.dtype())?;
+        let out = out.reshape((n, dim))?;
         self.proj.forward(&out)
     }
 }
@@ -85,8 +96,8 @@ impl VisionBlock {
             norm1: layer_norm(dim, vb.pp("norm1"))?,
             norm2: layer_norm(dim, vb.pp("norm2"))?,
             attn: VisionAttention::load(cfg, vb.pp("attn"))?,
-            fc1: candle_nn::linear(dim, hidden, vb.pp("mlp").pp("fc1"))?,
-            fc2: candle_nn::linear(hidden, dim, vb.pp("mlp").pp("fc2"))?,
+            fc1: linear(dim, hidden, vb.pp("mlp").pp("fc1"))?,
+            fc2: linear(hidden, dim, vb.pp("mlp").pp("fc2"))?,
         })
     }
 
@@ -107,7 +118,7 @@ impl VisionBlock {
 
 /// Vision transformer + merger. Input: patch rows `(N, C·T·P·P)`; output: `(N / merge², hidden)`.
 pub struct VisionTower {
-    patch_embed: Tensor,
+    patch_embed: Linear,
     blocks: Vec<VisionBlock>,
     merger_norm: LayerNorm,
     merger_fc1: Linear,
@@ -131,10 +142,8 @@ impl VisionTower {
             "patch_embed.proj.weight",
         )?;
         // Conv3d with kernel == stride and no bias is one matmul over flattened patches.
-        let patch_embed = w
-            .reshape((cfg.embed_dim, cfg.patch_row_len()))?
-            .t()?
-            .contiguous()?;
+        let mut patch_embed = Linear::new(w.reshape((cfg.embed_dim, cfg.patch_row_len()))?, None);
+        patch_embed.pack_for_cpu()?;
         let blocks = (0..cfg.depth)
             .map(|i| VisionBlock::load(cfg, vb.pp("blocks").pp(i)))
             .collect::<candle_core::Result<Vec<_>>>()?;
@@ -144,8 +153,8 @@ impl VisionTower {
             patch_embed,
             blocks,
             merger_norm: layer_norm(cfg.embed_dim, mvb.pp("ln_q"))?,
-            merger_fc1: candle_nn::linear(merged, merged, mvb.pp("mlp").pp("0"))?,
-            merger_fc2: candle_nn::linear(merged, cfg.hidden_size, mvb.pp("mlp").pp("2"))?,
+            merger_fc1: linear(merged, merged, mvb.pp("mlp").pp("0"))?,
+            merger_fc2: linear(merged, cfg.hidden_size, mvb.pp("mlp").pp("2"))?,
             cfg: cfg.clone(),
             dtype: vb.dtype(),
         })
@@ -162,7 +171,7 @@ impl VisionTower {
                 self.cfg.patch_row_len()
             );
         }
-        let mut x = patches.to_dtype(self.dtype)?.matmul(&self.patch_embed)?;
+        let mut x = self.patch_embed.forward(&patches.to_dtype(self.dtype)?)?;
         let (cos, sin) = self.rotary(grids, &device)?;
         let frame_lens: Vec<usize> = grids
             .iter()

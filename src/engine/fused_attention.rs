@@ -1,0 +1,291 @@
+//! Attention on the CPU through the [`super::gemm`] kernel: for each head and block of queries,
+//! the scores against every visible key go into one small f32 buffer (never a heads × S × T
+//! tensor), are turned into probabilities in place (max-subtracted exp, vectorised) and are
+//! multiplied with the values. bf16 inputs multiply in bf16 with f32 sums, with the
+//! probabilities rounded to bf16 before the second product, as the reference's fused CPU kernel
+//! does; f32 stays f32 throughout.
+
+use half::bf16;
+use rayon::prelude::*;
+
+use super::gemm::{PackedWeight, Strides};
+
+/// The scores of one block of queries stay under this many f32 values (256 KiB: L2).
+const SCORE_BLOCK: usize = 64 * 1024;
+/// Query rows per block are a multiple of the kernel's row tile.
+const ROW_TILE: usize = 12;
+
+/// Shapes of one attention call: `q` is `(s, heads, d)`, `k` and `v` are `(t, kv_heads, d)`,
+/// all contiguous. With `causal_offset`, query `i` sees keys `0..=i + offset`.
+#[derive(Debug, Clone, Copy)]
+pub struct AttentionShape {
+    pub s: usize,
+    pub t: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub d: usize,
+    pub causal_offset: Option<usize>,
+    pub scale: f32,
+}
+
+/// The element types the kernel multiplies.
+pub trait Element: Copy + Send + Sync + 'static {
+    fn pack(w: &[Self], n: usize, k: usize, s: Strides) -> Option<PackedWeight>;
+    #[allow(clippy::too_many_arguments)]
+    fn matmul(
+        w: &PackedWeight,
+        a: &[Self],
+        m: usize,
+        lda: usize,
+        out: &mut [f32],
+        ldc: usize,
+        cols: usize,
+        k_used: usize,
+    );
+    fn from_f32(x: f32) -> Self;
+    const ZERO: Self;
+}
+
+impl Element for f32 {
+    fn pack(w: &[f32], n: usize, k: usize, s: Strides) -> Option<PackedWeight> {
+        PackedWeight::pack_f32(w, n, k, s)
+    }
+    fn matmul(
+        w: &PackedWeight,
+        a: &[f32],
+        m: usize,
+        lda: usize,
+        out: &mut [f32],
+        ldc: usize,
+        cols: usize,
+        k_used: usize,
+    ) {
+        w.matmul_f32_serial(a, m, lda, out, ldc, cols, k_used)
+    }
+    fn from_f32(x: f32) -> f32 {
+        x
+    }
+    const ZERO: f32 = 0.0;
+}
+
+impl Element for bf16 {
+    fn pack(w: &[bf16], n: usize, k: usize, s: Strides) -> Option<PackedWeight> {
+        PackedWeight::pack_bf16(w, n, k, s)
+    }
+    fn matmul(
+        w: &PackedWeight,
+        a: &[bf16],
+        m: usize,
+        lda: usize,
+        out: &mut [f32],
+        ldc: usize,
+        cols: usize,
+        k_used: usize,
+    ) {
+        w.matmul_bf16_serial(a, m, lda, out, ldc, cols, k_used)
+    }
+    fn from_f32(x: f32) -> bf16 {
+        bf16::from_f32(x)
+    }
+    const ZERO: bf16 = bf16::ZERO;
+}
+
+/// softmax(q·kᵀ·scale)·v, `(s, heads, d)`, or `None` when the CPU lacks the kernel (or `d` is
+/// odd in bf16), so the caller falls back to candle.
+pub fn attend<T: Element>(q: &[T], k: &[T], v: &[T], shape: AttentionShape) -> Option<Vec<T>> {
+    let AttentionShape {
+        s,
+        t,
+        heads,
+        kv_heads,
+        d,
+        ..
+    } = shape;
+    assert_eq!(q.len(), s * heads * d, "q is not (s, heads, d)");
+    assert_eq!(k.len(), t * kv_heads * d, "k is not (t, kv_heads, d)");
+    assert_eq!(v.len(), t * kv_heads * d, "v is not (t, kv_heads, d)");
+    assert!(
+        kv_heads > 0 && heads % kv_heads == 0,
+        "heads must be a multiple of kv_heads"
+    );
+    if std::mem::size_of::<T>() == 2 && d % 2 == 1 {
+        return None;
+    }
+    // Keys as the "weight" of q·kᵀ (t rows of d) and values transposed for p·v (d rows of t),
+    // packed once per key/value head.
+    let kv_stride = kv_heads * d;
+    let packed: Vec<(PackedWeight, PackedWeight)> = (0..kv_heads)
+        .into_par_iter()
+        .map(|g| {
+            let keys = T::pack(
+                &k[g * d..],
+                t,
+                d,
+                Strides {
+                    row: kv_stride,
+                    col: 1,
+                },
+            )?;
+            let values = T::pack(
+                &v[g * d..],
+                d,
+                t,
+                Strides {
+                    row: 1,
+                    col: kv_stride,
+                },
+            )?;
+            Some((keys, values))
+        })
+        .collect::<Option<Vec<_>>>()?;
+
+    let rows = (SCORE_BLOCK / t.max(1))
+        .max(1)
+        .next_multiple_of(ROW_TILE)
+        .min(s.next_multiple_of(ROW_TILE));
+    let blocks = s.div_ceil(rows);
+    let mut out = vec![T::ZERO; s * heads * d];
+    let out_ptr = OutPtr(out.as_mut_ptr());
+    let rep = heads / kv_heads;
+    (0..heads * blocks).into_par_iter().for_each_init(
+        || (Vec::<f32>::new(), Vec::<T>::new(), Vec::<f32>::new()),
+        |(scores, probs, head_out), task| {
+            let (h, block) = (task / blocks, task % blocks);
+            let (keys, values) = &packed[h / rep];
+            let q0 = block * rows;
+            let m = rows.min(s - q0);
+            // keys any row of this block may see
+            let visible = match shape.causal_offset {
+                Some(offset) => (offset + q0 + m).min(t),
+                None => t,
+            };
+            let width = visible.next_multiple_of(2);
+            scores.clear();
+            scores.resize(m * width, 0.0);
+            let q_rows = &q[q0 * heads * d + h * d..];
+            T::matmul(keys, q_rows, m, heads * d, scores, width, visible, d);
+            probs.clear();
+            probs.resize(m * width, T::ZERO);
+            for i in 0..m {
+                let limit = match shape.causal_offset {
+                    Some(offset) => (offset + q0 + i + 1).min(t),
+                    None => t,
+                };
+                let row = &mut scores[i * width..i * width + visible];
+                softmax_in_place(&mut row[..limit], shape.scale);
+                for (p, x) in probs[i * width..i * width + limit]
+                    .iter_mut()
+                    .zip(&row[..limit])
+                {
+                    *p = T::from_f32(*x);
+                }
+            }
+            head_out.clear();
+            head_out.resize(m * d, 0.0);
+            T::matmul(values, probs, m, width, head_out, d, d, visible);
+            for i in 0..m {
+                let dst = (q0 + i) * heads * d + h * d;
+                for j in 0..d {
+                    // SAFETY: (row q0+i, head h) is written by this task only, inside `out`.
+                    unsafe { *out_ptr.at(dst + j) = T::from_f32(head_out[i * d + j]) };
+                }
+            }
+        },
+    );
+    Some(out)
+}
+
+/// The output shared by the tasks, each writing its own (rows, head) cells.
+struct OutPtr<T>(*mut T);
+// SAFETY: tasks write disjoint cells (one head, one block of rows each).
+unsafe impl<T> Sync for OutPtr<T> {}
+
+impl<T> OutPtr<T> {
+    fn at(&self, i: usize) -> *mut T {
+        self.0.wrapping_add(i)
+    }
+}
+
+/// `row ← softmax(row · scale)`, computed in f32 with the maximum subtracted first.
+fn softmax_in_place(row: &mut [f32], scale: f32) {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum = exp_shifted(row, max, scale);
+    let inv = 1.0 / sum;
+    for x in row.iter_mut() {
+        *x *= inv;
+    }
+}
+
+/// `x ← exp((x - max) · scale)`, returning the sum.
+fn exp_shifted(row: &mut [f32], max: f32, scale: f32) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: AVX-512F was detected just above.
+        return unsafe { exp_shifted_avx512(row, max, scale) };
+    }
+    let mut sum = 0.0;
+    for x in row.iter_mut() {
+        *x = ((*x - max) * scale).exp();
+        sum += *x;
+    }
+    sum
+}
+
+/// [`exp_shifted`] sixteen lanes at a time: `exp(r + n·ln 2) = 2ⁿ · exp(r)` with `|r| ≤ ln 2 / 2`
+/// and Cephes' degree-6 polynomial for `exp(r)` (about 1 ulp).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn exp_shifted_avx512(row: &mut [f32], max: f32, scale: f32) -> f32 {
+    use std::arch::x86_64::*;
+    let whole = row.len() / 16 * 16;
+    let mut sum = 0.0f32;
+    unsafe {
+        let vmax = _mm512_set1_ps(max);
+        let vscale = _mm512_set1_ps(scale);
+        let mut acc = _mm512_setzero_ps();
+        let p = row.as_mut_ptr();
+        let mut i = 0;
+        while i < whole {
+            let x = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(p.add(i)), vmax), vscale);
+            let e = exp_avx512(x);
+            _mm512_storeu_ps(p.add(i), e);
+            acc = _mm512_add_ps(acc, e);
+            i += 16;
+        }
+        sum += _mm512_reduce_add_ps(acc);
+    }
+    for x in row[whole..].iter_mut() {
+        *x = ((*x - max) * scale).exp();
+        sum += *x;
+    }
+    sum
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn exp_avx512(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    let x = _mm512_max_ps(x, _mm512_set1_ps(-103.0));
+    let x = _mm512_min_ps(x, _mm512_set1_ps(88.72));
+    let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+        _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)),
+    );
+    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_359_4), x);
+    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.121_944_4e-4), r);
+    let mut y = _mm512_set1_ps(1.987_569_1e-4);
+    for c in [
+        1.398_199_9e-3,
+        8.333_452e-3,
+        4.166_579_6e-2,
+        1.666_666_5e-1,
+        5.000_000_1e-1,
+    ] {
+        y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(c));
+    }
+    let y = _mm512_fmadd_ps(
+        y,
+        _mm512_mul_ps(r, r),
+        _mm512_add_ps(r, _mm512_set1_ps(1.0)),
+    );
+    _mm512_scalef_ps(y, n)
+}

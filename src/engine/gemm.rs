@@ -1,0 +1,780 @@
+//! A CPU matrix-matrix kernel for prompts and the vision tower: `C = A · Wᵀ (+ bias)` with the
+//! weight `W` (`n × k`, a linear layer's layout) packed once into panels of 32 output columns.
+//!
+//! candle's CPU matmul goes through the `gemm` crate, which has AVX2 kernels only and no native
+//! bf16 arithmetic (bf16 is widened to f32 first). On CPUs with AVX-512 this kernel keeps 12×32
+//! output tiles in the 32 vector registers: f32 with FMA, bf16 with the AVX512-BF16 dot-product
+//! instruction (pairs of bf16 products summed into f32 lanes), twice the f32 rate. Both
+//! accumulate in f32 over the whole `k` before the result is rounded once to the output dtype.
+//! The kernel is chosen at run time ([`Kernel::detect`]); without AVX-512 callers fall back to
+//! candle.
+//!
+//! Loops: threads split the panels; each walks `k` in blocks (one block of a panel stays in L1),
+//! rows in blocks of [`MC`] (their `k` block stays in L2), then the panels, then 12-row tiles.
+
+use half::bf16;
+use rayon::prelude::*;
+
+/// Output columns per panel (two 16-lane registers).
+const NR: usize = 32;
+/// Rows per register tile: 24 accumulators + 2 weight registers + 1 broadcast fit in 32.
+const MR: usize = 12;
+/// Rows whose `k` block is kept in L2 while the panels go by.
+const MC: usize = 96;
+/// Panels whose `k` block stays in L2 while the row blocks go by (16 × 16 KiB).
+const NC_PANELS: usize = 16;
+/// `k` values per block: one panel's block is 32 × 256 × 2 bytes (bf16) = 16 KiB, half of L1.
+const KC_BF16: usize = 256;
+/// f32 weights are twice as wide: 32 × 128 × 4 bytes = 16 KiB.
+const KC_F32: usize = 128;
+
+/// Which instruction set the kernel can use on this CPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kernel {
+    /// AVX-512F: f32 tiles.
+    Avx512,
+    /// AVX-512F and AVX512-BF16: f32 and bf16 tiles.
+    Avx512Bf16,
+}
+
+impl Kernel {
+    /// The best kernel this CPU runs, or `None` (no AVX-512: callers use candle's matmul).
+    pub fn detect() -> Option<Self> {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                if std::arch::is_x86_feature_detected!("avx512bf16") {
+                    return Some(Self::Avx512Bf16);
+                }
+                return Some(Self::Avx512);
+            }
+        }
+        None
+    }
+
+    pub fn has_bf16(self) -> bool {
+        self == Self::Avx512Bf16
+    }
+}
+
+/// The weight's values, packed per panel: f32 as `[panel][k][32]`, bf16 as
+/// `[panel][k / 2][32][2]` (the two `k` neighbours of a column side by side, as the dot-product
+/// instruction reads them). Columns past `n` and the odd `k` past the end are zero.
+enum Panels {
+    F32(Vec<f32>),
+    Bf16(Vec<u16>),
+}
+
+/// A weight `W` (`n × k`) packed for [`PackedWeight::matmul`].
+pub struct PackedWeight {
+    n: usize,
+    k: usize,
+    /// `k` rounded up to the packing's step (2 for bf16).
+    k_padded: usize,
+    panels: Panels,
+}
+
+/// How one element of the source matrix is addressed: `W[r][c]` at `r * row_stride + c * col_stride`.
+#[derive(Debug, Clone, Copy)]
+pub struct Strides {
+    pub row: usize,
+    pub col: usize,
+}
+
+impl Strides {
+    /// A contiguous row-major matrix with `cols` columns.
+    pub fn row_major(cols: usize) -> Self {
+        Self { row: cols, col: 1 }
+    }
+}
+
+impl PackedWeight {
+    /// Packs `W` (`n × k`, element `(r, c)` at `r * s.row + c * s.col` of `w`) in f32; `None`
+    /// when this CPU lacks AVX-512F.
+    pub fn pack_f32(w: &[f32], n: usize, k: usize, s: Strides) -> Option<Self> {
+        Kernel::detect()?;
+        let panels = n.div_ceil(NR);
+        let mut out = vec![0f32; panels * k * NR];
+        out.par_chunks_mut(k * NR).enumerate().for_each(|(p, dst)| {
+            for c in 0..NR.min(n - p * NR) {
+                let r = p * NR + c;
+                for kk in 0..k {
+                    dst[kk * NR + c] = w[r * s.row + kk * s.col];
+                }
+            }
+        });
+        Some(Self {
+            n,
+            k,
+            k_padded: k,
+            panels: Panels::F32(out),
+        })
+    }
+
+    /// Packs `W` in bf16 (addressed as in [`Self::pack_f32`]); `None` when this CPU lacks
+    /// AVX512-BF16.
+    pub fn pack_bf16(w: &[bf16], n: usize, k: usize, s: Strides) -> Option<Self> {
+        if !Kernel::detect()?.has_bf16() {
+            return None;
+        }
+        let panels = n.div_ceil(NR);
+        let k_padded = k.next_multiple_of(2);
+        let mut out = vec![0u16; panels * k_padded * NR];
+        out.par_chunks_mut(k_padded * NR)
+            .enumerate()
+            .for_each(|(p, dst)| {
+                for c in 0..NR.min(n - p * NR) {
+                    let r = p * NR + c;
+                    for kk in 0..k {
+                        dst[(kk / 2) * 2 * NR + c * 2 + kk % 2] =
+                            w[r * s.row + kk * s.col].to_bits();
+                    }
+                }
+            });
+        Some(Self {
+            n,
+            k,
+            k_padded,
+            panels: Panels::Bf16(out),
+        })
+    }
+
+    pub fn n(&self) -> usize {
+        self.n
+    }
+
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    /// `C (m × cols) = A (m × k_used) · W[..cols, ..k_used]ᵀ` with f32 weights on the calling
+    /// thread: A row-major with row stride `lda`, C with row stride `ldc`. Without bias, for the first `cols`
+    /// columns of C and the first `k_used` columns of A and W (the rest taken as zero).
+    #[allow(clippy::too_many_arguments)]
+    pub fn matmul_f32_serial(
+        &self,
+        a: &[f32],
+        m: usize,
+        lda: usize,
+        out: &mut [f32],
+        ldc: usize,
+        cols: usize,
+        k_used: usize,
+    ) {
+        let cols = cols.min(self.n);
+        let k_used = k_used.min(self.k);
+        self.check(m, (a.len(), lda, k_used), out.len(), ldc, cols, None);
+        let c = SharedOut(out.as_mut_ptr());
+        // SAFETY: C holds `m` rows of `cols` columns (checked); one thread.
+        unsafe { self.run_f32(a, m, lda, None, &c, ldc, cols, k_used, 0, cols.div_ceil(NR)) }
+    }
+
+    /// `C = A · Wᵀ + bias` for bf16 `A` and weights, accumulated in f32 (C is f32; the caller
+    /// rounds it once if it wants bf16). Split over rayon's threads by panels.
+    pub fn matmul_bf16(
+        &self,
+        a: &[bf16],
+        m: usize,
+        lda: usize,
+        bias: Option<&[f32]>,
+        out: &mut [f32],
+        ldc: usize,
+    ) {
+        self.check(m, (a.len(), lda, self.k), out.len(), ldc, self.n, bias);
+        let padded = self.pad_odd_k(a, m, lda);
+        let (a, lda) = match &padded {
+            Some(v) => (v.as_slice(), self.k_padded),
+            None => (a, lda),
+        };
+        let c = SharedOut(out.as_mut_ptr());
+        let panels = self.n.div_ceil(NR);
+        for_each_thread(panels, |p0, p1| {
+            // SAFETY: C was checked to hold `m` rows; each thread writes only its panels' columns.
+            unsafe { self.run_bf16(a, m, lda, bias, &c, ldc, self.n, self.k_padded, p0, p1) }
+        });
+    }
+
+    /// As [`Self::matmul_bf16`] on the calling thread only, without bias, for the first `cols`
+    /// columns of C and the first `k_used` columns of A and W. Rows of A must be readable up to
+    /// `k_used` rounded up to even (the value there multiplies a zero weight or must be zero).
+    #[allow(clippy::too_many_arguments)]
+    pub fn matmul_bf16_serial(
+        &self,
+        a: &[bf16],
+        m: usize,
+        lda: usize,
+        out: &mut [f32],
+        ldc: usize,
+        cols: usize,
+        k_used: usize,
+    ) {
+        let cols = cols.min(self.n);
+        let k_used = k_used.min(self.k).next_multiple_of(2);
+        self.check(m, (a.len(), lda, k_used), out.len(), ldc, cols, None);
+        let c = SharedOut(out.as_mut_ptr());
+        // SAFETY: C holds `m` rows of `cols` columns (checked); one thread.
+        unsafe { self.run_bf16(a, m, lda, None, &c, ldc, cols, k_used, 0, cols.div_ceil(NR)) }
+    }
+
+    /// With an odd `k` the last pair would read one value past a row of A: such A goes through a
+    /// copy whose rows end in a zero.
+    fn pad_odd_k(&self, a: &[bf16], m: usize, lda: usize) -> Option<Vec<bf16>> {
+        (self.k % 2 == 1).then(|| {
+            let kp = self.k_padded;
+            let mut v = vec![bf16::ZERO; m * kp];
+            for r in 0..m {
+                v[r * kp..r * kp + self.k].copy_from_slice(&a[r * lda..r * lda + self.k]);
+            }
+            v
+        })
+    }
+
+    /// The loops of one thread over panels `p0..p1` (f32).
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F; C holds `m` rows at stride `ldc` covering these panels' columns,
+    /// which no other thread writes meanwhile.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn run_f32(
+        &self,
+        a: &[f32],
+        m: usize,
+        lda: usize,
+        bias: Option<&[f32]>,
+        c: &SharedOut,
+        ldc: usize,
+        n_cols: usize,
+        k_used: usize,
+        p0: usize,
+        p1: usize,
+    ) {
+        let Panels::F32(panels) = &self.panels else {
+            panic!("f32 matmul on bf16-packed weights");
+        };
+        // one row tile: no reuse to block for; stream each panel whole
+        let kc_step = if m <= MR { k_used.max(1) } else { KC_F32 };
+        for k0 in (0..k_used).step_by(kc_step) {
+            let kc = kc_step.min(k_used - k0);
+            for g0 in (p0..p1).step_by(NC_PANELS) {
+                for m0 in (0..m).step_by(MC) {
+                    let mc = MC.min(m - m0);
+                    for p in g0..(g0 + NC_PANELS).min(p1) {
+                        let b = &panels[p * self.k * NR + k0 * NR..];
+                        let cols = NR.min(n_cols - p * NR);
+                        let start = || {
+                            if k0 == 0 {
+                                Start::Bias(bias.map(|b| &b[p * NR..p * NR + cols]))
+                            } else {
+                                Start::Accumulate
+                            }
+                        };
+                        let mut i = 0;
+                        while i < mc {
+                            let rows = MR.min(mc - i);
+                            let row = m0 + i;
+                            // SAFETY: rows `row..row+rows` of A exist at `k0..k0+kc`; the C tile
+                            // is inside this thread's columns (caller's contract).
+                            unsafe {
+                                tile_f32(
+                                    a.as_ptr().add(row * lda + k0),
+                                    lda,
+                                    rows,
+                                    b.as_ptr(),
+                                    kc,
+                                    c.0.add(row * ldc + p * NR),
+                                    ldc,
+                                    cols,
+                                    start(),
+                                )
+                            };
+                            i += rows;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The loops of one thread over panels `p0..p1` (bf16).
+    ///
+    /// # Safety
+    /// As [`Self::run_f32`], plus AVX512-BF16; `k_used` is even and rows of A are readable up
+    /// to it.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn run_bf16(
+        &self,
+        a: &[bf16],
+        m: usize,
+        lda: usize,
+        bias: Option<&[f32]>,
+        c: &SharedOut,
+        ldc: usize,
+        n_cols: usize,
+        k_used: usize,
+        p0: usize,
+        p1: usize,
+    ) {
+        let Panels::Bf16(panels) = &self.panels else {
+            panic!("bf16 matmul on f32-packed weights");
+        };
+        let kp = self.k_padded;
+        let kc_step = if m <= MR { k_used.max(2) } else { KC_BF16 };
+        for k0 in (0..k_used).step_by(kc_step) {
+            let kc = kc_step.min(k_used - k0);
+            for g0 in (p0..p1).step_by(NC_PANELS) {
+                for m0 in (0..m).step_by(MC) {
+                    let mc = MC.min(m - m0);
+                    for p in g0..(g0 + NC_PANELS).min(p1) {
+                        let b = &panels[p * kp * NR + k0 * NR..];
+                        let cols = NR.min(n_cols - p * NR);
+                        let start = || {
+                            if k0 == 0 {
+                                Start::Bias(bias.map(|b| &b[p * NR..p * NR + cols]))
+                            } else {
+                                Start::Accumulate
+                            }
+                        };
+                        let mut i = 0;
+                        while i < mc {
+                            let rows = MR.min(mc - i);
+                            let row = m0 + i;
+                            // SAFETY: as in `run_f32`; `kc` is even and pairs stay inside rows.
+                            unsafe {
+                                tile_bf16(
+                                    a.as_ptr().add(row * lda + k0) as *const u16,
+                                    lda,
+                                    rows,
+                                    b.as_ptr(),
+                                    kc / 2,
+                                    c.0.add(row * ldc + p * NR),
+                                    ldc,
+                                    cols,
+                                    start(),
+                                )
+                            };
+                            i += rows;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Panics unless A holds `m` rows of `k` and C `m` rows of `cols` at the given strides.
+    #[allow(clippy::too_many_arguments)]
+    fn check(
+        &self,
+        m: usize,
+        (a_len, lda, k_used): (usize, usize, usize),
+        c_len: usize,
+        ldc: usize,
+        cols: usize,
+        bias: Option<&[f32]>,
+    ) {
+        assert!(lda >= k_used && ldc >= cols, "strides shorter than a row");
+        if m > 0 {
+            assert!(
+                a_len >= (m - 1) * lda + k_used,
+                "A is shorter than {m} rows"
+            );
+            assert!(c_len >= (m - 1) * ldc + cols, "C is shorter than {m} rows");
+        }
+        if let Some(b) = bias {
+            assert_eq!(b.len(), self.n, "bias length");
+        }
+    }
+}
+
+/// Runs `work(first_panel, end_panel)` on rayon's threads, `panels` split evenly.
+fn for_each_thread(panels: usize, work: impl Fn(usize, usize) + Sync) {
+    let threads = rayon::current_num_threads().clamp(1, panels.max(1));
+    (0..threads).into_par_iter().for_each(|t| {
+        let p0 = panels * t / threads;
+        let p1 = panels * (t + 1) / threads;
+        if p0 < p1 {
+            work(p0, p1);
+        }
+    });
+}
+
+/// The output pointer shared by the threads, which write disjoint column ranges.
+pub(crate) struct SharedOut(pub(crate) *mut f32);
+// SAFETY: every thread writes only its own panels' columns (see `for_each_thread`).
+unsafe impl Sync for SharedOut {}
+
+enum Start<'a> {
+    /// First `k` block: start from the bias (or zero).
+    Bias(Option<&'a [f32]>),
+    /// Later blocks: add to what C holds.
+    Accumulate,
+}
+
+/// Mask of the first `cols` (≤ 32) lanes, split over the two 16-lane registers.
+#[inline(always)]
+fn lane_masks(cols: usize) -> (u16, u16) {
+    let full = if cols >= 32 {
+        u32::MAX
+    } else {
+        (1u32 << cols) - 1
+    };
+    (full as u16, (full >> 16) as u16)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile_f32(
+    a: *const f32,
+    lda: usize,
+    rows: usize,
+    b: *const f32,
+    kc: usize,
+    c: *mut f32,
+    ldc: usize,
+    cols: usize,
+    start: Start,
+) {
+    match rows {
+        12 => unsafe { tile_f32_rows::<12>(a, lda, b, kc, c, ldc, cols, start) },
+        1 => unsafe { tile_f32_rows::<1>(a, lda, b, kc, c, ldc, cols, start) },
+        r => {
+            // fewer rows than a tile: run the full tile on a zero-padded copy of the rows
+            let mut ta = vec![0f32; MR * kc];
+            let mut tc = [0f32; MR * NR];
+            for i in 0..r {
+                for kk in 0..kc {
+                    ta[i * kc + kk] = unsafe { *a.add(i * lda + kk) };
+                }
+                if matches!(start, Start::Accumulate) {
+                    for j in 0..cols {
+                        tc[i * NR + j] = unsafe { *c.add(i * ldc + j) };
+                    }
+                }
+            }
+            unsafe {
+                tile_f32_rows::<12>(ta.as_ptr(), kc, b, kc, tc.as_mut_ptr(), NR, cols, start)
+            };
+            for i in 0..r {
+                for j in 0..cols {
+                    unsafe { *c.add(i * ldc + j) = tc[i * NR + j] };
+                }
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile_f32_rows<const R: usize>(
+    a: *const f32,
+    lda: usize,
+    b: *const f32,
+    kc: usize,
+    c: *mut f32,
+    ldc: usize,
+    cols: usize,
+    start: Start,
+) {
+    use std::arch::x86_64::*;
+    let (m0, m1) = lane_masks(cols);
+    unsafe {
+        let mut acc = [[_mm512_setzero_ps(); 2]; R];
+        match start {
+            Start::Bias(Some(bias)) => {
+                let b0 = _mm512_maskz_loadu_ps(m0, bias.as_ptr());
+                let b1 = _mm512_maskz_loadu_ps(m1, bias.as_ptr().add(16));
+                for row in acc.iter_mut() {
+                    *row = [b0, b1];
+                }
+            }
+            Start::Bias(None) => {}
+            Start::Accumulate => {
+                for (i, row) in acc.iter_mut().enumerate() {
+                    row[0] = _mm512_maskz_loadu_ps(m0, c.add(i * ldc));
+                    row[1] = _mm512_maskz_loadu_ps(m1, c.add(i * ldc + 16));
+                }
+            }
+        }
+        for kk in 0..kc {
+            let w0 = _mm512_loadu_ps(b.add(kk * NR));
+            let w1 = _mm512_loadu_ps(b.add(kk * NR + 16));
+            for (i, row) in acc.iter_mut().enumerate() {
+                let x = _mm512_set1_ps(*a.add(i * lda + kk));
+                row[0] = _mm512_fmadd_ps(x, w0, row[0]);
+                row[1] = _mm512_fmadd_ps(x, w1, row[1]);
+            }
+        }
+        for (i, row) in acc.iter().enumerate() {
+            _mm512_mask_storeu_ps(c.add(i * ldc), m0, row[0]);
+            _mm512_mask_storeu_ps(c.add(i * ldc + 16), m1, row[1]);
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile_bf16(
+    a: *const u16,
+    lda: usize,
+    rows: usize,
+    b: *const u16,
+    pairs: usize,
+    c: *mut f32,
+    ldc: usize,
+    cols: usize,
+    start: Start,
+) {
+    match rows {
+        12 => unsafe { tile_bf16_rows::<12>(a, lda, b, pairs, c, ldc, cols, start) },
+        1 => unsafe { tile_bf16_one_row(a, b, pairs, c, cols, start) },
+        r => {
+            let kc = pairs * 2;
+            let mut ta = vec![0u16; MR * kc];
+            let mut tc = [0f32; MR * NR];
+            for i in 0..r {
+                for kk in 0..kc {
+                    ta[i * kc + kk] = unsafe { *a.add(i * lda + kk) };
+                }
+                if matches!(start, Start::Accumulate) {
+                    for j in 0..cols {
+                        tc[i * NR + j] = unsafe { *c.add(i * ldc + j) };
+                    }
+                }
+            }
+            unsafe {
+                tile_bf16_rows::<12>(ta.as_ptr(), kc, b, pairs, tc.as_mut_ptr(), NR, cols, start)
+            };
+            for i in 0..r {
+                for j in 0..cols {
+                    unsafe { *c.add(i * ldc + j) = tc[i * NR + j] };
+                }
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile_bf16_rows<const R: usize>(
+    a: *const u16,
+    lda: usize,
+    b: *const u16,
+    pairs: usize,
+    c: *mut f32,
+    ldc: usize,
+    cols: usize,
+    start: Start,
+) {
+    use std::arch::x86_64::*;
+    let (m0, m1) = lane_masks(cols);
+    unsafe {
+        let mut acc = [[_mm512_setzero_ps(); 2]; R];
+        match start {
+            Start::Bias(Some(bias)) => {
+                let b0 = _mm512_maskz_loadu_ps(m0, bias.as_ptr());
+                let b1 = _mm512_maskz_loadu_ps(m1, bias.as_ptr().add(16));
+                for row in acc.iter_mut() {
+                    *row = [b0, b1];
+                }
+            }
+            Start::Bias(None) => {}
+            Start::Accumulate => {
+                for (i, row) in acc.iter_mut().enumerate() {
+                    row[0] = _mm512_maskz_loadu_ps(m0, c.add(i * ldc));
+                    row[1] = _mm512_maskz_loadu_ps(m1, c.add(i * ldc + 16));
+                }
+            }
+        }
+        for q in 0..pairs {
+            let w0: __m512bh =
+                std::mem::transmute(_mm512_loadu_si512(b.add(q * 2 * NR) as *const _));
+            let w1: __m512bh =
+                std::mem::transmute(_mm512_loadu_si512(b.add(q * 2 * NR + NR) as *const _));
+            for (i, row) in acc.iter_mut().enumerate() {
+                let pair = (a.add(i * lda + 2 * q) as *const i32).read_unaligned();
+                let x: __m512bh = std::mem::transmute(_mm512_set1_epi32(pair));
+                row[0] = _mm512_dpbf16_ps(row[0], x, w0);
+                row[1] = _mm512_dpbf16_ps(row[1], x, w1);
+            }
+        }
+        for (i, row) in acc.iter().enumerate() {
+            _mm512_mask_storeu_ps(c.add(i * ldc), m0, row[0]);
+            _mm512_mask_storeu_ps(c.add(i * ldc + 16), m1, row[1]);
+        }
+    }
+}
+
+/// How far ahead of the sums a one-row tile asks for weights (pairs of `k`; 64 pairs = 8 KiB).
+const PREFETCH_PAIRS: usize = 64;
+
+/// One row (a decoded token): bandwidth-bound, so four independent pairs of sums keep several
+/// weight loads in flight instead of one chain of dependent dot products.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn tile_bf16_one_row(
+    a: *const u16,
+    b: *const u16,
+    pairs: usize,
+    c: *mut f32,
+    cols: usize,
+    start: Start,
+) {
+    use std::arch::x86_64::*;
+    let (m0, m1) = lane_masks(cols);
+    unsafe {
+        let mut acc = [[_mm512_setzero_ps(); 2]; 4];
+        match start {
+            Start::Bias(Some(bias)) => {
+                acc[0] = [
+                    _mm512_maskz_loadu_ps(m0, bias.as_ptr()),
+                    _mm512_maskz_loadu_ps(m1, bias.as_ptr().add(16)),
+                ];
+            }
+            Start::Bias(None) => {}
+            Start::Accumulate => {
+                acc[0] = [
+                    _mm512_maskz_loadu_ps(m0, c),
+                    _mm512_maskz_loadu_ps(m1, c.add(16)),
+                ];
+            }
+        }
+        let whole = pairs / 4 * 4;
+        let load = |q: usize, half: usize| -> __m512bh {
+            std::mem::transmute(_mm512_loadu_si512(b.add(q * 2 * NR + half * NR) as *const _))
+        };
+        let x = |q: usize| -> __m512bh {
+            std::mem::transmute(_mm512_set1_epi32(
+                (a.add(2 * q) as *const i32).read_unaligned(),
+            ))
+        };
+        let mut q = 0;
+        while q < whole {
+            for line in 0..8 {
+                _mm_prefetch::<_MM_HINT_T0>(
+                    b.add((q + PREFETCH_PAIRS) * 2 * NR + line * 32) as *const i8
+                );
+            }
+            for (j, sums) in acc.iter_mut().enumerate() {
+                let xv = x(q + j);
+                sums[0] = _mm512_dpbf16_ps(sums[0], xv, load(q + j, 0));
+                sums[1] = _mm512_dpbf16_ps(sums[1], xv, load(q + j, 1));
+            }
+            q += 4;
+        }
+        while q < pairs {
+            let xv = x(q);
+            acc[0][0] = _mm512_dpbf16_ps(acc[0][0], xv, load(q, 0));
+            acc[0][1] = _mm512_dpbf16_ps(acc[0][1], xv, load(q, 1));
+            q += 1;
+        }
+        let lo = _mm512_add_ps(
+            _mm512_add_ps(acc[0][0], acc[1][0]),
+            _mm512_add_ps(acc[2][0], acc[3][0]),
+        );
+        let hi = _mm512_add_ps(
+            _mm512_add_ps(acc[0][1], acc[1][1]),
+            _mm512_add_ps(acc[2][1], acc[3][1]),
+        );
+        _mm512_mask_storeu_ps(c, m0, lo);
+        _mm512_mask_storeu_ps(c.add(16), m1, hi);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+            })
+            .collect()
+    }
+
+    /// Sizes around every tile, panel and block edge, odd `k` included.
+    const SIZES: [(usize, usize, usize); 9] = [
+        (1, 1, 1),
+        (5, 33, 7),
+        (13, 70, 300),
+        (12, 32, 256),
+        (25, 64, 513),
+        (97, 65, 130),
+        (200, 40, 1000),
+        (1, 100, 1536),
+        (3, 70, 64),
+    ];
+
+    #[test]
+    fn bf16_and_f32_products_match_exact_sums() {
+        if Kernel::detect().is_none() {
+            eprintln!("no AVX-512 on this CPU: the kernel is not used here");
+            return;
+        }
+        for (m, n, k) in SIZES {
+            let (a, w, bias) = (values(m * k, 1), values(n * k, 2), values(n, 3));
+            let ab: Vec<bf16> = a.iter().map(|&v| bf16::from_f32(v)).collect();
+            let wb: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
+            let exact = |i: usize, j: usize, bf: bool| -> f64 {
+                (0..k)
+                    .map(|kk| {
+                        if bf {
+                            ab[i * k + kk].to_f64() * wb[j * k + kk].to_f64()
+                        } else {
+                            a[i * k + kk] as f64 * w[j * k + kk] as f64
+                        }
+                    })
+                    .sum()
+            };
+            // f32 weights given transposed (k × n), as attention packs its values
+            let wt: Vec<f32> = (0..k * n).map(|i| w[(i % n) * k + i / n]).collect();
+            let packed = PackedWeight::pack_f32(&wt, n, k, Strides { row: 1, col: n }).unwrap();
+            let mut out = vec![0f32; m * n];
+            packed.matmul_f32_serial(&a, m, k, &mut out, n, n, k);
+            for i in 0..m {
+                for j in 0..n {
+                    let e = (out[i * n + j] as f64 - exact(i, j, false)).abs();
+                    assert!(e < 1e-4, "f32 {m}x{n}x{k} at ({i},{j}): off by {e}");
+                }
+            }
+            if let Some(packed) = PackedWeight::pack_bf16(&wb, n, k, Strides::row_major(k)) {
+                packed.matmul_bf16(&ab, m, k, Some(&bias), &mut out, n);
+                for i in 0..m {
+                    for j in 0..n {
+                        let want = exact(i, j, true) + bias[j] as f64;
+                        let e = (out[i * n + j] as f64 - want).abs();
+                        assert!(e < 1e-4, "bf16 {m}x{n}x{k} at ({i},{j}): off by {e}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn serial_products_limit_columns_and_k() {
+        if Kernel::detect().is_none() {
+            return;
+        }
+        let (m, n, k) = (14, 50, 40);
+        let (a, w) = (values(m * k, 4), values(n * k, 5));
+        let packed = PackedWeight::pack_f32(&w, n, k, Strides::row_major(k)).unwrap();
+        let (cols, k_used) = (37, 25);
+        let mut out = vec![f32::NAN; m * cols];
+        packed.matmul_f32_serial(&a, m, k, &mut out, cols, cols, k_used);
+        for i in 0..m {
+            for j in 0..cols {
+                let want: f64 = (0..k_used)
+                    .map(|kk| a[i * k + kk] as f64 * w[j * k + kk] as f64)
+                    .sum();
+                assert!((out[i * cols + j] as f64 - want).abs() < 1e-4);
+            }
+        }
+    }
+}
