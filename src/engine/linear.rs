@@ -75,6 +75,28 @@ enum Weight {
     PackedBf16(Arc<PackedWeight>, Option<Arc<Vec<f32>>>),
 }
 
+/// An activation applied to a layer's output in f32, before it is rounded to the output dtype.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// `x · sigmoid(1.702 · x)`, the vision tower's MLP activation.
+    QuickGelu,
+}
+
+impl Activation {
+    fn apply_f32(self, x: f32) -> f32 {
+        match self {
+            Self::QuickGelu => x / (1.0 + (-1.702 * x).exp()),
+        }
+    }
+
+    /// The same on a tensor, with candle's ops (in the tensor's dtype).
+    fn apply(self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Self::QuickGelu => x * candle_nn::ops::sigmoid(&(x * 1.702)?)?,
+        }
+    }
+}
+
 /// `y = x · Wᵀ (+ b)` over the last dimension of `x`.
 #[derive(Clone)]
 pub struct Linear {
@@ -151,6 +173,24 @@ impl Linear {
         Ok(())
     }
 
+    /// `activation(x · Wᵀ + b)`: fused into the packed kernel's rounding step (one rounding
+    /// instead of one per elementwise op), candle's ops otherwise.
+    pub fn forward_activated(
+        &self,
+        x: &Tensor,
+        activation: Activation,
+    ) -> candle_core::Result<Tensor> {
+        match &self.weight {
+            Weight::PackedBf16(w, bias) => packed_bf16(
+                x,
+                w,
+                bias.as_deref().map(|b| b.as_slice()),
+                Some(activation),
+            ),
+            _ => activation.apply(&self.forward(x)?),
+        }
+    }
+
     /// Bytes the weight occupies (what a decode step reads).
     pub fn weight_bytes(&self) -> usize {
         match &self.weight {
@@ -166,7 +206,7 @@ impl Module for Linear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let y = match &self.weight {
             Weight::PackedBf16(w, bias) => {
-                return packed_bf16(x, w, bias.as_deref().map(|b| b.as_slice()));
+                return packed_bf16(x, w, bias.as_deref().map(|b| b.as_slice()), None);
             }
             Weight::Dense(w) => match matvec::matvec(x, w)? {
                 Some(y) => y,
@@ -205,8 +245,13 @@ impl Module for Linear {
     }
 }
 
-/// `x (.., in) · wᵀ + bias` through the packed bf16 kernel, rounded once to bf16.
-fn packed_bf16(x: &Tensor, w: &PackedWeight, bias: Option<&[f32]>) -> candle_core::Result<Tensor> {
+/// `activation(x (.., in) · wᵀ + bias)` through the packed bf16 kernel, rounded once to bf16.
+fn packed_bf16(
+    x: &Tensor,
+    w: &PackedWeight,
+    bias: Option<&[f32]>,
+    activation: Option<Activation>,
+) -> candle_core::Result<Tensor> {
     let k = w.k();
     if x.dtype() != DType::BF16 || x.dim(candle_core::D::Minus1)? != k {
         candle_core::bail!(
@@ -226,7 +271,13 @@ fn packed_bf16(x: &Tensor, w: &PackedWeight, bias: Option<&[f32]>) -> candle_cor
     let a = &values[layout.start_offset()..layout.start_offset() + rows * k];
     let mut sums = vec![0f32; rows * w.n()];
     w.matmul_bf16(a, rows, k, bias, &mut sums, w.n());
-    let out: Vec<bf16> = sums.par_iter().map(|&v| bf16::from_f32(v)).collect();
+    let out: Vec<bf16> = match activation {
+        Some(act) => sums
+            .par_iter()
+            .map(|&v| bf16::from_f32(act.apply_f32(v)))
+            .collect(),
+        None => sums.par_iter().map(|&v| bf16::from_f32(v)).collect(),
+    };
     Tensor::from_vec(out, dims, &Device::Cpu)
 }
 
@@ -319,6 +370,17 @@ mod tests {
             return;
         }
         assert_eq!(packed.weight_bytes(), dense.weight_bytes());
+        let x = Tensor::randn(0f32, 1.0, (5, 96), &Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap();
+        let f32_of = |t: Tensor| t.to_dtype(DType::F32).unwrap();
+        let fused = f32_of(packed.forward_activated(&x, Activation::QuickGelu).unwrap());
+        let plain = Activation::QuickGelu
+            .apply(&f32_of(packed.forward(&x).unwrap()))
+            .unwrap();
+        let diff = (fused - plain).unwrap().abs().unwrap().max_all().unwrap();
+        assert!(diff.to_scalar::<f32>().unwrap() <= 0.25, "{diff}");
         for rows in [1, 13, 40] {
             let x = Tensor::randn(0f32, 1.0, (2, rows, 96), &Device::Cpu)
                 .unwrap()

@@ -7,7 +7,7 @@ use candle_nn::{LayerNorm, LayerNormConfig, VarBuilder};
 
 use super::attention;
 use super::config::VisionConfig;
-use super::linear::Linear;
+use super::linear::{Activation, Linear};
 use super::rope_index::GridThw;
 
 const LAYER_NORM_EPS: f64 = 1e-6;
@@ -26,10 +26,6 @@ fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> candle_core::Result<
     let mut layer = Linear::load(in_dim, out_dim, true, vb)?;
     layer.pack_for_cpu()?;
     Ok(layer)
-}
-
-fn quick_gelu(x: &Tensor) -> candle_core::Result<Tensor> {
-    x * candle_nn::ops::sigmoid(&(x * 1.702)?)?
 }
 
 struct VisionAttention {
@@ -111,7 +107,9 @@ impl VisionBlock {
         let x = (x + self
             .attn
             .forward(&self.norm1.forward(x)?, cos, sin, frame_lens)?)?;
-        let h = quick_gelu(&self.fc1.forward(&self.norm2.forward(&x)?)?)?;
+        let h = self
+            .fc1
+            .forward_activated(&self.norm2.forward(&x)?, Activation::QuickGelu)?;
         x + self.fc2.forward(&h)?
     }
 }
