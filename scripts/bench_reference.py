@@ -96,6 +96,19 @@ def bandwidth_gb_s(torch):
     return (1 << 30) / best / 1e9
 
 
+def matmul_gflops(torch, dtype):
+    """Compute ceiling: the best of 5 square 2048 matmuls in `dtype` (all torch threads)."""
+    a = torch.randn(2048, 2048, dtype=dtype)
+    b = torch.randn(2048, 2048, dtype=dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * 2048**3 / best / 1e9
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokenizer", required=True)
@@ -113,7 +126,7 @@ def main():
     torch.manual_seed(0)
     out = {"dtype": args.dtype, "torch": torch.__version__, "transformers": transformers.__version__,
            "threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-           "bandwidth_gb_s": bandwidth_gb_s(torch), "rows": []}
+           "bandwidth_gb_s": bandwidth_gb_s(torch), "matmul_gflops": matmul_gflops(torch, dtype), "rows": []}
     d = model_dir(args.tokenizer)
     cfg = Qwen2VLConfig.from_pretrained(d)
     cfg.torch_dtype = dtype

@@ -8,6 +8,10 @@ run, on the same sizes and dtypes, and prints the ratios against the targets of 
   quantized decode  vlad q8_0 / q4k tokens/s / reference bf16 tokens/s (target >= 2)
   peak RSS          vlad / reference                    (target <= 1)
 
+and, per dtype, the compute rate each side reaches in the vision tower and the prefill (their FLOPs
+counted from the 2B shapes) against torch's own matmul rate on this machine: a 2x target above that
+ceiling cannot be met by any implementation in that dtype.
+
 Called by scripts/bench-vs-reference.sh (which builds vlad and sets up the reference's venv).
 """
 import argparse
@@ -40,6 +44,31 @@ def ref_result(args, dtype, sizes):
     return run_json([sys.executable, os.path.join(HERE, "bench_reference.py"), "--tokenizer", args.tokenizer,
                      "--dtype", TORCH_DTYPE[dtype], "--sizes", sizes, "--decode-tokens", str(args.decode_tokens),
                      "--runs", str(args.runs)])
+
+
+# Qwen2-VL-2B shapes (vision: 32 blocks of 1280 wide, MLP 5120, 2x2 merge into 1536; decoder: 28
+# layers of 1536, 12 query and 2 key/value heads of 128, MLP 8960).
+V_DEPTH, V_DIM, V_MLP, V_IN, MERGED, HIDDEN = 32, 1280, 5120, 1176, 5120, 1536
+T_LAYERS, T_HEADS, T_KV_HEADS, HEAD_DIM, T_MLP = 28, 12, 2, 128, 8960
+
+
+def vision_gflop(grid):
+    """Multiply-adds x 2 of the vision tower for one image of `grid` (t, h, w): patch embedding,
+    blocks (qkv, projection, MLP, attention within the frame), merger."""
+    t, h, w = grid
+    n, frame = t * h * w, h * w
+    per_patch = V_IN * V_DIM + V_DEPTH * (4 * V_DIM * V_DIM + 2 * V_DIM * V_MLP + 2 * frame * V_DIM)
+    merger = (n // 4) * (MERGED * MERGED + MERGED * HIDDEN)
+    return 2 * (n * per_patch + merger) / 1e9
+
+
+def prefill_gflop(tokens):
+    """Multiply-adds x 2 of the decoder over a prompt of `tokens` (causal attention: half the
+    square), the output layer for the last token aside."""
+    kv = T_KV_HEADS * HEAD_DIM
+    per_token = T_LAYERS * (2 * HIDDEN * HIDDEN + 2 * HIDDEN * kv + 3 * HIDDEN * T_MLP)
+    attention = T_LAYERS * T_HEADS * HEAD_DIM * tokens * tokens  # q.k and p.v over half the square
+    return 2 * (tokens * per_token + attention) / 1e9
 
 
 def mark(ok):
@@ -84,6 +113,15 @@ def main():
                 f" | peak RSS {v['peak_rss_bytes'] / 2**30:5.2f} / {r['peak_rss_bytes'] / 2**30:5.2f} GiB"
                 f" = {rss:4.2f} {mark(rss <= 1)}"
                 f"{'  (reference contended: ' + str(r['others_cpu_share_max']) + ')' if r['others_cpu_share_max'] > 0.1 else ''}")
+        for r in ref["rows"]:
+            v = ours[r["size"]]
+            vf, pf = vision_gflop(v["grid_thw"]), prefill_gflop(v["prompt_tokens"])
+            peak = ref["matmul_gflops"]
+            lines.append(
+                f"{'':>5} {'':>10} | compute: vision {vf:.0f} GFLOP, reference {vf / r['vision_s']:4.0f} / vlad"
+                f" {vf / v['vision_s']:4.0f} GFLOP/s; prefill {pf:.0f} GFLOP, reference {pf / r['prefill_s']:4.0f} / vlad"
+                f" {pf / v['prefill_s']:4.0f} GFLOP/s; torch's {dtype} matmul ceiling here {peak:4.0f} GFLOP/s"
+                f" (2x the reference's vision rate {'is above' if 2 * vf / r['vision_s'] > peak else 'fits under'} it)")
     smallest = args.sizes.split(",")[0]
     for q in [q for q in args.quantize.split(",") if q]:
         ours = vlad_rows(args, "f32", smallest, quantize=q)[smallest]
