@@ -9,8 +9,11 @@
 //! The kernel is chosen at run time ([`Kernel::detect`]); without AVX-512 callers fall back to
 //! candle.
 //!
-//! Loops: threads split the panels; each walks `k` in blocks (one block of a panel stays in L1),
-//! rows in blocks of [`MC`] (their `k` block stays in L2), then the panels, then 12-row tiles.
+//! Loops: threads split the panels; each walks `k` in blocks, then groups of panels, then rows in
+//! blocks of [`MC`] (bf16: copied as `[pair][row]` per 12-row tile, one contiguous stream for the
+//! broadcasts), then the panels of the group, then the tiles. One row (decoding) streams each
+//! panel whole instead. The block sizes were measured on a 2-core Zen 4: bf16 reaches 350–390
+//! GFLOP/s on the vision tower's shapes, torch's own bf16 matmul 386–407 on the same machine.
 
 use half::bf16;
 use rayon::prelude::*;
@@ -19,13 +22,14 @@ use rayon::prelude::*;
 const NR: usize = 32;
 /// Rows per register tile: 24 accumulators + 2 weight registers + 1 broadcast fit in 32.
 const MR: usize = 12;
-/// Rows whose `k` block is kept in L2 while the panels go by.
+/// Rows whose `k` block is reused while the panels of a group go by.
 const MC: usize = 96;
-/// Panels whose `k` block stays in L2 while the row blocks go by (16 × 16 KiB).
+/// Panels per group: their `k` block is reused while the row blocks go by.
 const NC_PANELS: usize = 16;
-/// `k` values per block: one panel's block is 32 × 256 × 2 bytes (bf16) = 16 KiB, half of L1.
-const KC_BF16: usize = 256;
-/// f32 weights are twice as wide: 32 × 128 × 4 bytes = 16 KiB.
+/// bf16 `k` values per block: the whole `k` of every decoder and vision layer but the decoder's
+/// down projection (8960), so C is written once (smaller blocks measured slower).
+const KC_BF16: usize = 2048;
+/// f32 `k` values per block (attention only): one panel's block is 32 × 128 × 4 bytes = 16 KiB.
 const KC_F32: usize = 128;
 
 /// Which instruction set the kernel can use on this CPU.
@@ -65,7 +69,8 @@ enum Panels {
     Bf16(Vec<u16>),
 }
 
-/// A weight `W` (`n × k`) packed for [`PackedWeight::matmul`].
+/// A weight `W` (`n × k`) packed for [`PackedWeight::matmul_bf16`] or
+/// [`PackedWeight::matmul_f32_serial`].
 pub struct PackedWeight {
     n: usize,
     k: usize,
@@ -318,41 +323,79 @@ impl PackedWeight {
             panic!("bf16 matmul on f32-packed weights");
         };
         let kp = self.k_padded;
-        let kc_step = if m <= MR { k_used.max(2) } else { KC_BF16 };
-        for k0 in (0..k_used).step_by(kc_step) {
-            let kc = kc_step.min(k_used - k0);
+        if m <= MR {
+            // one row tile (decoding): stream each panel whole, A read in place
+            for p in p0..p1 {
+                let cols = NR.min(n_cols - p * NR);
+                let start = Start::Bias(bias.map(|b| &b[p * NR..p * NR + cols]));
+                // SAFETY: as in `run_f32`; `k_used` is even and pairs stay inside rows.
+                unsafe {
+                    tile_bf16(
+                        a.as_ptr() as *const u16,
+                        lda,
+                        m,
+                        panels[p * kp * NR..].as_ptr(),
+                        k_used / 2,
+                        c.0.add(p * NR),
+                        ldc,
+                        cols,
+                        start,
+                    )
+                };
+            }
+            return;
+        }
+        // A's block, packed per row tile as [pair][row] so a tile reads one contiguous stream
+        let mut packed_a = vec![0u32; MC.div_ceil(MR) * MR * (KC_BF16 / 2)];
+        for k0 in (0..k_used).step_by(KC_BF16) {
+            let kc = KC_BF16.min(k_used - k0);
+            let pairs = kc / 2;
             for g0 in (p0..p1).step_by(NC_PANELS) {
                 for m0 in (0..m).step_by(MC) {
                     let mc = MC.min(m - m0);
+                    let tiles = mc.div_ceil(MR);
+                    for t in 0..tiles {
+                        let dst = &mut packed_a[t * MR * pairs..(t + 1) * MR * pairs];
+                        for i in 0..MR {
+                            let row = m0 + t * MR + i;
+                            if row < m0 + mc {
+                                let src = &a[row * lda + k0..row * lda + k0 + kc];
+                                for q in 0..pairs {
+                                    dst[q * MR + i] = (src[2 * q].to_bits() as u32)
+                                        | ((src[2 * q + 1].to_bits() as u32) << 16);
+                                }
+                            } else {
+                                for q in 0..pairs {
+                                    dst[q * MR + i] = 0;
+                                }
+                            }
+                        }
+                    }
                     for p in g0..(g0 + NC_PANELS).min(p1) {
                         let b = &panels[p * kp * NR + k0 * NR..];
                         let cols = NR.min(n_cols - p * NR);
-                        let start = || {
-                            if k0 == 0 {
+                        for t in 0..tiles {
+                            let row = m0 + t * MR;
+                            let rows = MR.min(m0 + mc - row);
+                            let start = if k0 == 0 {
                                 Start::Bias(bias.map(|b| &b[p * NR..p * NR + cols]))
                             } else {
                                 Start::Accumulate
-                            }
-                        };
-                        let mut i = 0;
-                        while i < mc {
-                            let rows = MR.min(mc - i);
-                            let row = m0 + i;
-                            // SAFETY: as in `run_f32`; `kc` is even and pairs stay inside rows.
+                            };
+                            // SAFETY: the packed tile holds MR rows of `pairs`; the C tile is
+                            // inside this thread's columns and the first `rows` rows.
                             unsafe {
-                                tile_bf16(
-                                    a.as_ptr().add(row * lda + k0) as *const u16,
-                                    lda,
-                                    rows,
+                                tile_bf16_packed(
+                                    packed_a[t * MR * pairs..].as_ptr(),
                                     b.as_ptr(),
-                                    kc / 2,
+                                    pairs,
                                     c.0.add(row * ldc + p * NR),
                                     ldc,
+                                    rows,
                                     cols,
-                                    start(),
+                                    start,
                                 )
                             };
-                            i += rows;
                         }
                     }
                 }
@@ -700,7 +743,7 @@ mod tests {
     }
 
     /// Sizes around every tile, panel and block edge, odd `k` included.
-    const SIZES: [(usize, usize, usize); 9] = [
+    const SIZES: [(usize, usize, usize); 10] = [
         (1, 1, 1),
         (5, 33, 7),
         (13, 70, 300),
@@ -710,6 +753,7 @@ mod tests {
         (200, 40, 1000),
         (1, 100, 1536),
         (3, 70, 64),
+        (30, 40, 2100),
     ];
 
     #[test]
@@ -775,6 +819,59 @@ mod tests {
                     .sum();
                 assert!((out[i * cols + j] as f64 - want).abs() < 1e-4);
             }
+        }
+    }
+}
+
+/// A full 12-row tile over A packed as `[pair][row]` (rows past `rows` are zeros and not stored).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile_bf16_packed(
+    a: *const u32,
+    b: *const u16,
+    pairs: usize,
+    c: *mut f32,
+    ldc: usize,
+    rows: usize,
+    cols: usize,
+    start: Start,
+) {
+    use std::arch::x86_64::*;
+    let (m0, m1) = lane_masks(cols);
+    unsafe {
+        let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+        match start {
+            Start::Bias(Some(bias)) => {
+                let b0 = _mm512_maskz_loadu_ps(m0, bias.as_ptr());
+                let b1 = _mm512_maskz_loadu_ps(m1, bias.as_ptr().add(16));
+                for row in acc.iter_mut() {
+                    *row = [b0, b1];
+                }
+            }
+            Start::Bias(None) => {}
+            Start::Accumulate => {
+                for (i, row) in acc.iter_mut().enumerate().take(rows) {
+                    row[0] = _mm512_maskz_loadu_ps(m0, c.add(i * ldc));
+                    row[1] = _mm512_maskz_loadu_ps(m1, c.add(i * ldc + 16));
+                }
+            }
+        }
+        for q in 0..pairs {
+            let w0: __m512bh =
+                std::mem::transmute(_mm512_loadu_si512(b.add(q * 2 * NR) as *const _));
+            let w1: __m512bh =
+                std::mem::transmute(_mm512_loadu_si512(b.add(q * 2 * NR + NR) as *const _));
+            let ap = a.add(q * MR);
+            for (i, row) in acc.iter_mut().enumerate() {
+                let x: __m512bh = std::mem::transmute(_mm512_set1_epi32(*ap.add(i) as i32));
+                row[0] = _mm512_dpbf16_ps(row[0], x, w0);
+                row[1] = _mm512_dpbf16_ps(row[1], x, w1);
+            }
+        }
+        for (i, row) in acc.iter().enumerate().take(rows) {
+            _mm512_mask_storeu_ps(c.add(i * ldc), m0, row[0]);
+            _mm512_mask_storeu_ps(c.add(i * ldc + 16), m1, row[1]);
         }
     }
 }
