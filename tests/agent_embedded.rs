@@ -86,6 +86,8 @@ fn vlad_run_with_the_embedded_backend_gives_up_cleanly() -> Result<()> {
         .args([
             "--backend",
             "embedded",
+            "--dtype",
+            "f32",
             "--model",
             TINY,
             "--max-steps",

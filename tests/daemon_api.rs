@@ -76,14 +76,21 @@ impl Daemon {
         let dir = tempfile::tempdir()?;
         let token_file = dir.path().join("state/token");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_vlad"));
-        cmd.args(["serve", "--listen", "127.0.0.1:0", "--model"])
-            .arg(model)
-            .arg("--data-dir")
-            .arg(dir.path().join("data"))
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
+        cmd.args([
+            "serve",
+            "--dtype",
+            "f32",
+            "--listen",
+            "127.0.0.1:0",
+            "--model",
+        ])
+        .arg(model)
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
         let no_auth = extra.contains(&"--no-auth");
         if !no_auth {
             cmd.arg("--token-file").arg(&token_file);

@@ -312,7 +312,7 @@ fn cli_generate_json_matches_the_reference() {
     let file = dir.path().join("messages.json");
     std::fs::write(&file, messages.to_string()).unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_vlad"))
-        .args(["generate", "--model"])
+        .args(["generate", "--dtype", "f32", "--model"])
         .arg(fixtures().join(c["model"].as_str().unwrap()))
         .arg("--messages")
         .arg(&file)
@@ -347,7 +347,7 @@ fn cli_generate_json_matches_the_reference() {
 fn cli_generate_streams_text_with_prompt_and_image() {
     let c = case("image_333x217_tiny-b");
     let out = Command::new(env!("CARGO_BIN_EXE_vlad"))
-        .args(["generate", "--model"])
+        .args(["generate", "--dtype", "f32", "--model"])
         .arg(fixtures().join("tiny-b"))
         .arg("--image")
         .arg(fixtures().join("media/img_333x217.png"))

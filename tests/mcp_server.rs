@@ -589,7 +589,14 @@ fn streamable_http_on_the_daemon_needs_the_token() -> Result<()> {
     );
     let mut command = x.command(env!("CARGO_BIN_EXE_vlad"));
     command
-        .args(["serve", "--listen", "127.0.0.1:0", "--model"])
+        .args([
+            "serve",
+            "--dtype",
+            "f32",
+            "--listen",
+            "127.0.0.1:0",
+            "--model",
+        ])
         .arg(&model)
         .arg("--token-file")
         .arg(&token_file)

@@ -74,9 +74,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         .iter()
         .map(|s| parse_size(s))
         .collect::<anyhow::Result<Vec<_>>>()?;
+    let device = args.device.open()?;
     let load = LoadOptions {
-        dtype: args.dtype.into(),
-        device: args.device.open()?,
+        dtype: args.dtype.resolve(&device),
+        device,
         min_pixels: None,
         max_pixels: Some(args.max_pixels),
         quantize: args.quantize,

@@ -54,7 +54,7 @@ pub struct GenerateArgs {
     /// Stop when the text contains this string (repeatable).
     #[arg(long)]
     stop: Vec<String>,
-    #[arg(long, value_enum, default_value = "f32")]
+    #[arg(long, value_enum, default_value = "auto")]
     dtype: DtypeArg,
     #[arg(long, value_enum, default_value = "cpu")]
     device: DeviceArg,
@@ -88,9 +88,10 @@ fn build_prompt(args: &GenerateArgs) -> anyhow::Result<Prompt> {
 
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let prompt = build_prompt(&args)?;
+    let device = args.device.open()?;
     let load = LoadOptions {
-        dtype: args.dtype.into(),
-        device: args.device.open()?,
+        dtype: args.dtype.resolve(&device),
+        device,
         min_pixels: args.min_pixels,
         max_pixels: args.max_pixels,
         quantize: args.quantize,

@@ -42,7 +42,7 @@ pub struct ModelArgs {
     /// Embedded backend: where to compute.
     #[arg(long, value_enum, default_value = "cpu")]
     pub compute: DeviceArg,
-    #[arg(long, value_enum, default_value = "f32")]
+    #[arg(long, value_enum, default_value = "auto")]
     pub dtype: DtypeArg,
     /// Embedded backend: store the language model's linear layers quantized (q8_0: 3.5× fewer
     /// bytes per token than f32, q4k: 6×), for faster decoding on a CPU.
@@ -209,9 +209,10 @@ pub fn open_model(args: &ModelArgs, default_model: Option<&str>) -> anyhow::Resu
                 .or_else(|| default_model.map(String::from))
                 .unwrap_or_else(|| model::DEFAULT_MODEL.to_string());
             eprintln!("vlad: loading {spec} …");
+            let device = args.compute.open()?;
             let options = LoadOptions {
-                dtype: args.dtype.into(),
-                device: args.compute.open()?,
+                dtype: args.dtype.resolve(&device),
+                device,
                 quantize: args.quantize,
                 ..Default::default()
             };

@@ -22,7 +22,7 @@ pub struct ServeArgs {
     /// The name clients pass as "model" (default: the folder's name or the hub id).
     #[arg(long)]
     served_model_name: Option<String>,
-    #[arg(long, value_enum, default_value = "f32")]
+    #[arg(long, value_enum, default_value = "auto")]
     dtype: DtypeArg,
     #[arg(long, value_enum, default_value = "cpu")]
     device: DeviceArg,
@@ -83,13 +83,14 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         AuthMode::TokenFile(p) => Some(p.clone()),
         AuthMode::Disabled => None,
     };
+    let device = args.device.open()?;
     let options = ServeOptions {
         listen: args.listen,
         model: args.model,
         served_model_name: args.served_model_name,
         load: LoadOptions {
-            dtype: args.dtype.into(),
-            device: args.device.open()?,
+            dtype: args.dtype.resolve(&device),
+            device,
             min_pixels: None,
             max_pixels: None,
             quantize: args.quantize,

@@ -631,6 +631,12 @@ impl<'a> TextStream<'a> {
     }
 }
 
+/// Whether this CPU multiplies bf16 natively (AVX512-BF16), where the engine's packed bf16
+/// kernels run; elsewhere bf16 goes through candle's widening path, slower than f32.
+pub fn cpu_has_fast_bf16() -> bool {
+    gemm::Kernel::detect().is_some_and(gemm::Kernel::has_bf16)
+}
+
 /// glibc hands freed blocks between 128 KiB and 32 MiB straight back to the kernel (mmap and
 /// munmap), so every activation tensor of a prompt costs freshly zeroed pages again: about a
 /// fifth of the vision tower's time on a 2-core CPU (640×360, f32: 18.3 s → 14.9 s with them

@@ -47,15 +47,22 @@ impl Daemon {
         env: &[(&str, &str)],
     ) -> Result<Self> {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_vlad"));
-        cmd.args(["serve", "--listen", "127.0.0.1:0", "--model"])
-            .arg(model)
-            .arg("--data-dir")
-            .arg(data_dir)
-            .args(extra)
-            .envs(env.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
+        cmd.args([
+            "serve",
+            "--dtype",
+            "f32",
+            "--listen",
+            "127.0.0.1:0",
+            "--model",
+        ])
+        .arg(model)
+        .arg("--data-dir")
+        .arg(data_dir)
+        .args(extra)
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
         let no_auth = extra.contains(&"--no-auth");
         if !no_auth {
             cmd.arg("--token-file").arg(token_file);
