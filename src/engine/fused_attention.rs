@@ -43,6 +43,7 @@ pub trait Element: Copy + Send + Sync + 'static {
         k_used: usize,
     );
     fn from_f32(x: f32) -> Self;
+    fn to_f32(self) -> f32;
     const ZERO: Self;
 }
 
@@ -65,6 +66,9 @@ impl Element for f32 {
     fn from_f32(x: f32) -> f32 {
         x
     }
+    fn to_f32(self) -> f32 {
+        self
+    }
     const ZERO: f32 = 0.0;
 }
 
@@ -86,6 +90,10 @@ impl Element for bf16 {
     }
     fn from_f32(x: f32) -> bf16 {
         bf16::from_f32(x)
+    }
+    fn to_f32(self) -> f32 {
+        // bf16 is the upper half of an f32: widening is a shift, which vectorises
+        f32::from_bits((self.to_bits() as u32) << 16)
     }
     const ZERO: bf16 = bf16::ZERO;
 }
@@ -110,6 +118,9 @@ pub fn attend<T: Element>(q: &[T], k: &[T], v: &[T], shape: AttentionShape) -> O
     );
     if std::mem::size_of::<T>() == 2 && d % 2 == 1 {
         return None;
+    }
+    if s == 1 {
+        return Some(attend_one_query(q, k, v, shape));
     }
     // Keys as the "weight" of q·kᵀ (t rows of d) and values transposed for p·v (d rows of t),
     // packed once per key/value head.
@@ -204,6 +215,58 @@ impl<T> OutPtr<T> {
     fn at(&self, i: usize) -> *mut T {
         self.0.wrapping_add(i)
     }
+}
+
+/// One query (a decoded token): the keys and values are read in place, once, instead of being
+/// packed for the matrix kernel (which would copy the whole cache every step).
+fn attend_one_query<T: Element>(q: &[T], k: &[T], v: &[T], shape: AttentionShape) -> Vec<T> {
+    let AttentionShape {
+        t,
+        heads,
+        kv_heads,
+        d,
+        ..
+    } = shape;
+    let visible = shape.causal_offset.map_or(t, |offset| (offset + 1).min(t));
+    let rep = heads / kv_heads;
+    let stride = kv_heads * d;
+    let per_head: Vec<Vec<f32>> = (0..heads)
+        .into_par_iter()
+        .map(|h| {
+            let g = h / rep;
+            let query: Vec<f32> = q[h * d..(h + 1) * d].iter().map(|x| x.to_f32()).collect();
+            let mut scores: Vec<f32> = (0..visible)
+                .map(|j| dot(&query, &k[j * stride + g * d..j * stride + (g + 1) * d]))
+                .collect();
+            softmax_in_place(&mut scores, shape.scale);
+            let mut out = vec![0f32; d];
+            for (j, p) in scores.iter().enumerate() {
+                let value = &v[j * stride + g * d..j * stride + (g + 1) * d];
+                for (o, x) in out.iter_mut().zip(value) {
+                    *o += p * x.to_f32();
+                }
+            }
+            out
+        })
+        .collect();
+    per_head.into_iter().flatten().map(T::from_f32).collect()
+}
+
+/// `a · b` with sixteen partial sums (vectorises without reordering one long sum).
+fn dot<T: Element>(a: &[f32], b: &[T]) -> f32 {
+    const LANES: usize = 16;
+    let mut acc = [0f32; LANES];
+    let (mut ac, mut bc) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    for (x, y) in (&mut ac).zip(&mut bc) {
+        for l in 0..LANES {
+            acc[l] += x[l] * y[l].to_f32();
+        }
+    }
+    let mut sum: f32 = acc.iter().sum();
+    for (x, y) in ac.remainder().iter().zip(bc.remainder()) {
+        sum += x * y.to_f32();
+    }
+    sum
 }
 
 /// `row ← softmax(row · scale)`, computed in f32 with the maximum subtracted first.
