@@ -3,7 +3,8 @@
 //! matmul), bf16 weights packed for the AVX512-BF16 [`super::gemm`] kernel where the CPU has it
 //! ([`Linear::pack_for_cpu`]; candle's bf16 matmul widens to f32 and runs at a third of the
 //! speed), or quantized weights, which read 3.5–7× fewer bytes per decoded token than f32:
-//! `q8_0` (GGML's Q8_0 blocks, multiplied with f32 activations by our own kernel) or `q4k`
+//! `q8_0` (GGML's Q8_0 blocks, multiplied by our own kernel: in 8-bit against Q8_0-quantized
+//! activations where the CPU has AVX512-VNNI, as llama.cpp does, else with f32 activations) or `q4k`
 //! (GGML's Q4_K through candle's quantized matmul). Prompts of more than one token multiply with
 //! the dequantized weights, one layer at a time.
 

@@ -194,8 +194,8 @@ fn dot<W>(x: &[f32], w: &[W], widen: impl Fn(&W) -> f32) -> f32 {
 
 /// Weights in blocks of 32 values sharing one scale (`w ≈ scale · q`, `q` an `i8` in
 /// [-127, 127], scale = max |w| / 127 of the block): the layout and rounding of GGML's Q8_0, with
-/// an f32 scale. Decoding multiplies them with f32 activations directly, so only the weights
-/// are approximated (1.125 bytes per weight instead of 4).
+/// an f32 scale (1.125 bytes per weight instead of 4). Decoding multiplies them with the
+/// activations quantized the same way where the CPU has AVX512-VNNI, else with f32 activations.
 pub struct Int8Rows {
     n: usize,
     k: usize,
@@ -253,19 +253,115 @@ impl Int8Rows {
         out
     }
 
-    /// `w · x` for one f32 vector of length `k`.
+    /// `w · x` for one f32 vector of length `k`. With AVX512-VNNI, `x` is quantized to Q8_0
+    /// blocks first and multiplied in 8-bit (llama.cpp's Q8_0 path); otherwise in f32.
     pub fn matvec(&self, x: &[f32]) -> Vec<f32> {
         assert_eq!(x.len(), self.k);
         let (k, blocks) = (self.k, self.k / Q8_BLOCK);
         let mut out = vec![0f32; self.n];
         let chunk = rows_per_task(self.n, k / 4);
+        let quantized = has_vnni().then(|| QuantizedActivations::new(x));
         out.par_chunks_mut(chunk).enumerate().for_each(|(i, dst)| {
             let rows = i * chunk..i * chunk + dst.len();
             let q = &self.q[rows.start * k..rows.end * k];
             let scales = &self.scales[rows.start * blocks..rows.end * blocks];
-            dots_q8(x, q, scales, dst);
+            match &quantized {
+                // SAFETY: `quantized` exists only where `has_vnni` found the instructions.
+                #[cfg(target_arch = "x86_64")]
+                Some(xq) => unsafe { dots_q8_vnni(xq, q, scales, dst) },
+                _ => dots_q8(x, q, scales, dst),
+            }
         });
         out
+    }
+}
+
+/// The activations quantized like the weights (GGML's Q8_0 for the other operand, as llama.cpp's
+/// CPU path does): per block of 32, `|x|` as unsigned bytes, the signs, and one scale.
+struct QuantizedActivations {
+    magnitudes: Vec<u8>,
+    signs: Vec<i8>,
+    scales: Vec<f32>,
+}
+
+impl QuantizedActivations {
+    fn new(x: &[f32]) -> Self {
+        let mut magnitudes = vec![0u8; x.len()];
+        let mut signs = vec![0i8; x.len()];
+        let mut scales = vec![0f32; x.len() / Q8_BLOCK];
+        for (b, xb) in x.chunks_exact(Q8_BLOCK).enumerate() {
+            let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let d = amax / 127.0;
+            let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+            for (j, v) in xb.iter().enumerate() {
+                let q = (v * inv).round() as i32;
+                magnitudes[b * Q8_BLOCK + j] = q.unsigned_abs() as u8;
+                signs[b * Q8_BLOCK + j] = q.signum() as i8;
+            }
+            scales[b] = d;
+        }
+        Self {
+            magnitudes,
+            signs,
+            scales,
+        }
+    }
+}
+
+/// Whether this CPU has the 8-bit dot-product instruction (AVX512-VNNI on 256-bit registers).
+fn has_vnni() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512vnni")
+            && std::arch::is_x86_feature_detected!("avx512vl")
+            && std::arch::is_x86_feature_detected!("avx2")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Q8_0 rows against Q8_0 activations with VNNI: per block one sign fix-up of the weights, one
+/// 8-bit dot product into eight 32-bit sums, one conversion and one scaled add (a third of the
+/// instructions of widening every weight to f32). (Four rows at a time sharing the activation
+/// loads measured slower: 8 against 11 tokens/s on the 2B shapes.)
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,avx512vnni,avx512vl")]
+unsafe fn dots_q8_vnni(x: &QuantizedActivations, q: &[i8], scales: &[f32], dst: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let k = x.magnitudes.len();
+    let blocks = k / Q8_BLOCK;
+    for ((row, row_scales), out) in q
+        .chunks_exact(k)
+        .zip(scales.chunks_exact(blocks))
+        .zip(dst.iter_mut())
+    {
+        // SAFETY: block b reads bytes b*32 .. b*32+32 of `row` and of the activations.
+        *out = unsafe {
+            let (qp, mp, sp) = (row.as_ptr(), x.magnitudes.as_ptr(), x.signs.as_ptr());
+            let mut totals = [_mm256_setzero_ps(); 2];
+            for (b, d) in row_scales.iter().enumerate() {
+                let o = b * Q8_BLOCK;
+                let w = _mm256_loadu_si256(qp.add(o) as *const __m256i);
+                let signs = _mm256_loadu_si256(sp.add(o) as *const __m256i);
+                let magnitudes = _mm256_loadu_si256(mp.add(o) as *const __m256i);
+                let sums = _mm256_dpbusd_epi32(
+                    _mm256_setzero_si256(),
+                    magnitudes,
+                    _mm256_sign_epi8(w, signs),
+                );
+                let scale = _mm256_set1_ps(*d * x.scales[b]);
+                totals[b % 2] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale, totals[b % 2]);
+            }
+            let total = _mm256_add_ps(totals[0], totals[1]);
+            let s = _mm_add_ps(
+                _mm256_castps256_ps128(total),
+                _mm256_extractf128_ps::<1>(total),
+            );
+            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+            _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps::<1>(s, s)))
+        };
     }
 }
 
@@ -416,11 +512,28 @@ mod tests {
         let got = Tensor::from_vec(q.matvec(&xv), (1, n), &Device::Cpu).unwrap();
         assert!(max_rel_diff(&got, &exact) < 0.02);
         let from_dequantized = Tensor::from_vec(back, (n, k), &Device::Cpu).unwrap();
-        let same = reference(&x.unsqueeze(0).unwrap(), &from_dequantized);
+        // With VNNI the activations are quantized too: the product is exactly that of the two
+        // dequantized operands.
+        let x_used: Vec<f32> = if has_vnni() {
+            let xq = QuantizedActivations::new(&xv);
+            (0..k)
+                .map(|i| xq.magnitudes[i] as f32 * xq.signs[i] as f32 * xq.scales[i / Q8_BLOCK])
+                .collect()
+        } else {
+            xv.clone()
+        };
+        let x_used = Tensor::from_vec(x_used, (1, k), &Device::Cpu).unwrap();
+        let same = reference(&x_used, &from_dequantized);
         assert!(
             max_rel_diff(&got, &same) < 1e-5,
-            "matvec = dequantize then multiply"
+            "matvec = dequantize both operands, then multiply"
         );
+        // the f32-activation path, used where VNNI is missing
+        let mut f32_path = vec![0f32; n];
+        dots_q8(&xv, &q.q, &q.scales, &mut f32_path);
+        let f32_path = Tensor::from_vec(f32_path, (1, n), &Device::Cpu).unwrap();
+        let same = reference(&x.unsqueeze(0).unwrap(), &from_dequantized);
+        assert!(max_rel_diff(&f32_path, &same) < 1e-5);
     }
 
     #[test]
