@@ -726,6 +726,59 @@ unsafe fn tile_bf16_one_row(
     }
 }
 
+/// A full 12-row tile over A packed as `[pair][row]` (rows past `rows` are zeros and not stored).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile_bf16_packed(
+    a: *const u32,
+    b: *const u16,
+    pairs: usize,
+    c: *mut f32,
+    ldc: usize,
+    rows: usize,
+    cols: usize,
+    start: Start,
+) {
+    use std::arch::x86_64::*;
+    let (m0, m1) = lane_masks(cols);
+    unsafe {
+        let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+        match start {
+            Start::Bias(Some(bias)) => {
+                let b0 = _mm512_maskz_loadu_ps(m0, bias.as_ptr());
+                let b1 = _mm512_maskz_loadu_ps(m1, bias.as_ptr().add(16));
+                for row in acc.iter_mut() {
+                    *row = [b0, b1];
+                }
+            }
+            Start::Bias(None) => {}
+            Start::Accumulate => {
+                for (i, row) in acc.iter_mut().enumerate().take(rows) {
+                    row[0] = _mm512_maskz_loadu_ps(m0, c.add(i * ldc));
+                    row[1] = _mm512_maskz_loadu_ps(m1, c.add(i * ldc + 16));
+                }
+            }
+        }
+        for q in 0..pairs {
+            let w0: __m512bh =
+                std::mem::transmute(_mm512_loadu_si512(b.add(q * 2 * NR) as *const _));
+            let w1: __m512bh =
+                std::mem::transmute(_mm512_loadu_si512(b.add(q * 2 * NR + NR) as *const _));
+            let ap = a.add(q * MR);
+            for (i, row) in acc.iter_mut().enumerate() {
+                let x: __m512bh = std::mem::transmute(_mm512_set1_epi32(*ap.add(i) as i32));
+                row[0] = _mm512_dpbf16_ps(row[0], x, w0);
+                row[1] = _mm512_dpbf16_ps(row[1], x, w1);
+            }
+        }
+        for (i, row) in acc.iter().enumerate().take(rows) {
+            _mm512_mask_storeu_ps(c.add(i * ldc), m0, row[0]);
+            _mm512_mask_storeu_ps(c.add(i * ldc + 16), m1, row[1]);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -819,59 +872,6 @@ mod tests {
                     .sum();
                 assert!((out[i * cols + j] as f64 - want).abs() < 1e-4);
             }
-        }
-    }
-}
-
-/// A full 12-row tile over A packed as `[pair][row]` (rows past `rows` are zeros and not stored).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bf16")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn tile_bf16_packed(
-    a: *const u32,
-    b: *const u16,
-    pairs: usize,
-    c: *mut f32,
-    ldc: usize,
-    rows: usize,
-    cols: usize,
-    start: Start,
-) {
-    use std::arch::x86_64::*;
-    let (m0, m1) = lane_masks(cols);
-    unsafe {
-        let mut acc = [[_mm512_setzero_ps(); 2]; MR];
-        match start {
-            Start::Bias(Some(bias)) => {
-                let b0 = _mm512_maskz_loadu_ps(m0, bias.as_ptr());
-                let b1 = _mm512_maskz_loadu_ps(m1, bias.as_ptr().add(16));
-                for row in acc.iter_mut() {
-                    *row = [b0, b1];
-                }
-            }
-            Start::Bias(None) => {}
-            Start::Accumulate => {
-                for (i, row) in acc.iter_mut().enumerate().take(rows) {
-                    row[0] = _mm512_maskz_loadu_ps(m0, c.add(i * ldc));
-                    row[1] = _mm512_maskz_loadu_ps(m1, c.add(i * ldc + 16));
-                }
-            }
-        }
-        for q in 0..pairs {
-            let w0: __m512bh =
-                std::mem::transmute(_mm512_loadu_si512(b.add(q * 2 * NR) as *const _));
-            let w1: __m512bh =
-                std::mem::transmute(_mm512_loadu_si512(b.add(q * 2 * NR + NR) as *const _));
-            let ap = a.add(q * MR);
-            for (i, row) in acc.iter_mut().enumerate() {
-                let x: __m512bh = std::mem::transmute(_mm512_set1_epi32(*ap.add(i) as i32));
-                row[0] = _mm512_dpbf16_ps(row[0], x, w0);
-                row[1] = _mm512_dpbf16_ps(row[1], x, w1);
-            }
-        }
-        for (i, row) in acc.iter().enumerate().take(rows) {
-            _mm512_mask_storeu_ps(c.add(i * ldc), m0, row[0]);
-            _mm512_mask_storeu_ps(c.add(i * ldc + 16), m1, row[1]);
         }
     }
 }

@@ -244,11 +244,8 @@ impl TextModel {
         let mut quantized = |linears: &mut [&mut Linear], pack: bool| -> candle_core::Result<()> {
             for linear in linears {
                 match quantize {
-                    Some(format) => {
-                        if !linear.quantize(format)? {
-                            dense += 1;
-                        }
-                    }
+                    Some(format) if !linear.quantize(format)? => dense += 1,
+                    Some(_) => {}
                     None if pack => linear.pack_for_cpu()?,
                     None => {}
                 }
