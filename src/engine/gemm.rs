@@ -796,7 +796,7 @@ mod tests {
     }
 
     /// Sizes around every tile, panel and block edge, odd `k` included.
-    const SIZES: [(usize, usize, usize); 10] = [
+    const SIZES: [(usize, usize, usize); 11] = [
         (1, 1, 1),
         (5, 33, 7),
         (13, 70, 300),
@@ -807,6 +807,7 @@ mod tests {
         (1, 100, 1536),
         (3, 70, 64),
         (30, 40, 2100),
+        (1, 200, 66),
     ];
 
     #[test]
