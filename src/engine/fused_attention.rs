@@ -9,6 +9,7 @@ use half::bf16;
 use rayon::prelude::*;
 
 use super::gemm::{PackedWeight, Strides};
+use super::matvec;
 
 /// The scores of one block of queries stay under this many f32 values (256 KiB: L2).
 const SCORE_BLOCK: usize = 64 * 1024;
@@ -236,7 +237,10 @@ fn attend_one_query<T: Element>(q: &[T], k: &[T], v: &[T], shape: AttentionShape
             let g = h / rep;
             let query: Vec<f32> = q[h * d..(h + 1) * d].iter().map(|x| x.to_f32()).collect();
             let mut scores: Vec<f32> = (0..visible)
-                .map(|j| dot(&query, &k[j * stride + g * d..j * stride + (g + 1) * d]))
+                .map(|j| {
+                    let key = &k[j * stride + g * d..j * stride + (g + 1) * d];
+                    matvec::dot(&query, key, |x: &T| x.to_f32())
+                })
                 .collect();
             softmax_in_place(&mut scores, shape.scale);
             let mut out = vec![0f32; d];
@@ -250,23 +254,6 @@ fn attend_one_query<T: Element>(q: &[T], k: &[T], v: &[T], shape: AttentionShape
         })
         .collect();
     per_head.into_iter().flatten().map(T::from_f32).collect()
-}
-
-/// `a · b` with sixteen partial sums (vectorises without reordering one long sum).
-fn dot<T: Element>(a: &[f32], b: &[T]) -> f32 {
-    const LANES: usize = 16;
-    let mut acc = [0f32; LANES];
-    let (mut ac, mut bc) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
-    for (x, y) in (&mut ac).zip(&mut bc) {
-        for l in 0..LANES {
-            acc[l] += x[l] * y[l].to_f32();
-        }
-    }
-    let mut sum: f32 = acc.iter().sum();
-    for (x, y) in ac.remainder().iter().zip(bc.remainder()) {
-        sum += x * y.to_f32();
-    }
-    sum
 }
 
 /// `row ← softmax(row · scale)`, computed in f32 with the maximum subtracted first.

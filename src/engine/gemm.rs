@@ -463,6 +463,44 @@ fn lane_masks(cols: usize) -> (u16, u16) {
     (full as u16, (full >> 16) as u16)
 }
 
+/// Fewer rows than a tile: runs `tile` (a full [`MR`]-row tile over A with row stride `kc` and C
+/// with row stride [`NR`]) on a zero-padded copy of the `rows` rows, then copies the valid part
+/// of C back.
+///
+/// # Safety
+/// A holds `rows` rows of `kc` values at stride `lda`; C holds `rows` rows of `cols` at `ldc`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn padded_tile<T: Copy + Default>(
+    a: *const T,
+    lda: usize,
+    rows: usize,
+    kc: usize,
+    c: *mut f32,
+    ldc: usize,
+    cols: usize,
+    start: Start,
+    tile: impl FnOnce(*const T, *mut f32, Start),
+) {
+    let mut ta = vec![T::default(); MR * kc];
+    let mut tc = [0f32; MR * NR];
+    for i in 0..rows {
+        for kk in 0..kc {
+            ta[i * kc + kk] = unsafe { *a.add(i * lda + kk) };
+        }
+        if matches!(start, Start::Accumulate) {
+            for j in 0..cols {
+                tc[i * NR + j] = unsafe { *c.add(i * ldc + j) };
+            }
+        }
+    }
+    tile(ta.as_ptr(), tc.as_mut_ptr(), start);
+    for i in 0..rows {
+        for j in 0..cols {
+            unsafe { *c.add(i * ldc + j) = tc[i * NR + j] };
+        }
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 #[allow(clippy::too_many_arguments)]
@@ -480,29 +518,12 @@ unsafe fn tile_f32(
     match rows {
         12 => unsafe { tile_f32_rows::<12>(a, lda, b, kc, c, ldc, cols, start) },
         1 => unsafe { tile_f32_rows::<1>(a, lda, b, kc, c, ldc, cols, start) },
-        r => {
-            // fewer rows than a tile: run the full tile on a zero-padded copy of the rows
-            let mut ta = vec![0f32; MR * kc];
-            let mut tc = [0f32; MR * NR];
-            for i in 0..r {
-                for kk in 0..kc {
-                    ta[i * kc + kk] = unsafe { *a.add(i * lda + kk) };
-                }
-                if matches!(start, Start::Accumulate) {
-                    for j in 0..cols {
-                        tc[i * NR + j] = unsafe { *c.add(i * ldc + j) };
-                    }
-                }
-            }
-            unsafe {
-                tile_f32_rows::<12>(ta.as_ptr(), kc, b, kc, tc.as_mut_ptr(), NR, cols, start)
-            };
-            for i in 0..r {
-                for j in 0..cols {
-                    unsafe { *c.add(i * ldc + j) = tc[i * NR + j] };
-                }
-            }
-        }
+        // SAFETY: the caller's contract on A and C, passed on to the padded tile.
+        r => unsafe {
+            padded_tile(a, lda, r, kc, c, ldc, cols, start, |ta, tc, start| {
+                tile_f32_rows::<12>(ta, kc, b, kc, tc, NR, cols, start)
+            })
+        },
     }
 }
 
@@ -572,29 +593,20 @@ unsafe fn tile_bf16(
     match rows {
         12 => unsafe { tile_bf16_rows::<12>(a, lda, b, pairs, c, ldc, cols, start) },
         1 => unsafe { tile_bf16_one_row(a, b, pairs, c, cols, start) },
-        r => {
-            let kc = pairs * 2;
-            let mut ta = vec![0u16; MR * kc];
-            let mut tc = [0f32; MR * NR];
-            for i in 0..r {
-                for kk in 0..kc {
-                    ta[i * kc + kk] = unsafe { *a.add(i * lda + kk) };
-                }
-                if matches!(start, Start::Accumulate) {
-                    for j in 0..cols {
-                        tc[i * NR + j] = unsafe { *c.add(i * ldc + j) };
-                    }
-                }
-            }
-            unsafe {
-                tile_bf16_rows::<12>(ta.as_ptr(), kc, b, pairs, tc.as_mut_ptr(), NR, cols, start)
-            };
-            for i in 0..r {
-                for j in 0..cols {
-                    unsafe { *c.add(i * ldc + j) = tc[i * NR + j] };
-                }
-            }
-        }
+        // SAFETY: the caller's contract on A and C, passed on to the padded tile.
+        r => unsafe {
+            padded_tile(
+                a,
+                lda,
+                r,
+                pairs * 2,
+                c,
+                ldc,
+                cols,
+                start,
+                |ta, tc, start| tile_bf16_rows::<12>(ta, pairs * 2, b, pairs, tc, NR, cols, start),
+            )
+        },
     }
 }
 

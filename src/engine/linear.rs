@@ -297,6 +297,16 @@ mod tests {
     use super::*;
     use candle_core::Device;
 
+    /// The largest magnitude in `t` (f32).
+    fn max_abs(t: &Tensor) -> f32 {
+        t.abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
     #[test]
     fn dense_forward_matches_candle_linear_for_one_and_many_rows() {
         let w = Tensor::randn(0f32, 1.0, (48, 64), &Device::Cpu).unwrap();
@@ -305,14 +315,7 @@ mod tests {
         let theirs = candle_nn::Linear::new(w, Some(b));
         for rows in [1, 5] {
             let x = Tensor::randn(0f32, 1.0, (1, rows, 64), &Device::Cpu).unwrap();
-            let diff = (ours.forward(&x).unwrap() - theirs.forward(&x).unwrap())
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let diff = max_abs(&(ours.forward(&x).unwrap() - theirs.forward(&x).unwrap()).unwrap());
             assert!(diff < 1e-4, "rows {rows}: {diff}");
         }
     }
@@ -323,13 +326,7 @@ mod tests {
         let x = Tensor::randn(0f32, 1.0, (1, 1, 256), &Device::Cpu).unwrap();
         let dense = Linear::new(w.clone(), None);
         let exact = dense.forward(&x).unwrap();
-        let scale = exact
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let scale = max_abs(&exact);
         for (format, tolerance, max_bytes) in [
             (Quantization::Q8_0, 0.02, 64 * 256 * 9 / 8),
             (Quantization::Q4K, 0.15, 64 * 256 * 5 / 8),
@@ -341,14 +338,7 @@ mod tests {
                 "{format}: {}",
                 q.weight_bytes()
             );
-            let diff = (q.forward(&x).unwrap() - &exact)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let diff = max_abs(&(q.forward(&x).unwrap() - &exact).unwrap());
             assert!(diff / scale < tolerance, "{format}: {diff} of {scale}");
         }
     }
@@ -380,8 +370,8 @@ mod tests {
         let plain = Activation::QuickGelu
             .apply(&f32_of(packed.forward(&x).unwrap()))
             .unwrap();
-        let diff = (fused - plain).unwrap().abs().unwrap().max_all().unwrap();
-        assert!(diff.to_scalar::<f32>().unwrap() <= 0.25, "{diff}");
+        let diff = max_abs(&(fused - plain).unwrap());
+        assert!(diff <= 0.25, "{diff}");
         for rows in [1, 13, 40] {
             let x = Tensor::randn(0f32, 1.0, (2, rows, 96), &Device::Cpu)
                 .unwrap()
@@ -397,14 +387,7 @@ mod tests {
             let got = packed.forward(&x).unwrap();
             assert_eq!(got.dims(), &[2, rows, 70]);
             assert_eq!(got.dtype(), DType::BF16);
-            let diff = (got.to_dtype(DType::F32).unwrap() - &exact)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let diff = max_abs(&(got.to_dtype(DType::F32).unwrap() - &exact).unwrap());
             // one rounding to bf16 of values up to ~40: half a unit in the last place is 0.125
             assert!(diff <= 0.125, "rows {rows}: {diff}");
         }

@@ -144,10 +144,10 @@ unsafe fn dots_bf16_avx2(x: &[f32], rows: &[bf16], dst: &mut [f32]) {
                 }
                 i += 32;
             }
-            let s = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
-            let s = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps::<1>(s));
-            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-            _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps::<1>(s, s)))
+            horizontal_sum(_mm256_add_ps(
+                _mm256_add_ps(acc[0], acc[1]),
+                _mm256_add_ps(acc[2], acc[3]),
+            ))
         };
         for (a, b) in x[whole..].iter().zip(&row[whole..]) {
             sum += a * b.to_f32();
@@ -175,8 +175,9 @@ fn dots_bf16_generic(x: &[f32], rows: &[bf16], dst: &mut [f32]) {
     }
 }
 
+/// `x · w` with the weights widened to f32 by `widen`, in [`LANES`] partial sums.
 #[inline(always)]
-fn dot<W>(x: &[f32], w: &[W], widen: impl Fn(&W) -> f32) -> f32 {
+pub(super) fn dot<W>(x: &[f32], w: &[W], widen: impl Fn(&W) -> f32) -> f32 {
     let mut acc = [0f32; LANES];
     let mut xc = x.chunks_exact(LANES);
     let mut wc = w.chunks_exact(LANES);
@@ -355,14 +356,19 @@ unsafe fn dots_q8_vnni(x: &QuantizedActivations, q: &[i8], scales: &[f32], dst: 
                 totals[b % 2] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale, totals[b % 2]);
             }
             let total = _mm256_add_ps(totals[0], totals[1]);
-            let s = _mm_add_ps(
-                _mm256_castps256_ps128(total),
-                _mm256_extractf128_ps::<1>(total),
-            );
-            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-            _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps::<1>(s, s)))
+            horizontal_sum(total)
         };
     }
+}
+
+/// The sum of the eight lanes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx")]
+fn horizontal_sum(v: std::arch::x86_64::__m256) -> f32 {
+    use std::arch::x86_64::*;
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps::<1>(s, s)))
 }
 
 fn dots_q8(x: &[f32], q: &[i8], scales: &[f32], dst: &mut [f32]) {
@@ -402,12 +408,7 @@ unsafe fn dots_q8_avx2(x: &[f32], q: &[i8], scales: &[f32], dst: &mut [f32]) {
                 }
                 total = _mm256_fmadd_ps(block, _mm256_set1_ps(*d), total);
             }
-            let s = _mm_add_ps(
-                _mm256_castps256_ps128(total),
-                _mm256_extractf128_ps::<1>(total),
-            );
-            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-            _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps::<1>(s, s)))
+            horizontal_sum(total)
         };
     }
 }
