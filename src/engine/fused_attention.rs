@@ -10,6 +10,7 @@ use rayon::prelude::*;
 
 use super::gemm::{PackedWeight, Strides};
 use super::matvec;
+use super::weight_buffer::Placement;
 
 /// The scores of one block of queries stay under this many f32 values (256 KiB: L2).
 const SCORE_BLOCK: usize = 64 * 1024;
@@ -50,7 +51,7 @@ pub trait Element: Copy + Send + Sync + 'static {
 
 impl Element for f32 {
     fn pack(w: &[f32], n: usize, k: usize, s: Strides) -> Option<PackedWeight> {
-        PackedWeight::pack_f32(w, n, k, s)
+        PackedWeight::pack_f32(w, n, k, s, Placement::Scratch)
     }
     fn matmul(
         w: &PackedWeight,
@@ -75,7 +76,7 @@ impl Element for f32 {
 
 impl Element for bf16 {
     fn pack(w: &[bf16], n: usize, k: usize, s: Strides) -> Option<PackedWeight> {
-        PackedWeight::pack_bf16(w, n, k, s)
+        PackedWeight::pack_bf16(w, n, k, s, Placement::Scratch)
     }
     fn matmul(
         w: &PackedWeight,

@@ -18,6 +18,8 @@
 use half::bf16;
 use rayon::prelude::*;
 
+use super::weight_buffer::{Placement, WeightBuffer};
+
 /// Output columns per panel (two 16-lane registers).
 const NR: usize = 32;
 /// Rows per register tile: 24 accumulators + 2 weight registers + 1 broadcast fit in 32.
@@ -65,11 +67,11 @@ impl Kernel {
 /// `[panel][k / 2][32][2]` (the two `k` neighbours of a column side by side, as the dot-product
 /// instruction reads them). Columns past `n` and the odd `k` past the end are zero.
 enum Panels {
-    F32(Vec<f32>),
-    Bf16(Vec<u16>),
+    F32(WeightBuffer<f32>),
+    Bf16(WeightBuffer<u16>),
 }
 
-/// A weight `W` (`n × k`) packed for [`PackedWeight::matmul_bf16`] or
+/// A weight `W` (`n × k`) packed for [`PackedWeight::matmul_bf16_then`] or
 /// [`PackedWeight::matmul_f32_serial`].
 pub struct PackedWeight {
     n: usize,
@@ -96,10 +98,16 @@ impl Strides {
 impl PackedWeight {
     /// Packs `W` (`n × k`, element `(r, c)` at `r * s.row + c * s.col` of `w`) in f32; `None`
     /// when this CPU lacks AVX-512F.
-    pub fn pack_f32(w: &[f32], n: usize, k: usize, s: Strides) -> Option<Self> {
+    pub fn pack_f32(
+        w: &[f32],
+        n: usize,
+        k: usize,
+        s: Strides,
+        placement: Placement,
+    ) -> Option<Self> {
         Kernel::detect()?;
         let panels = n.div_ceil(NR);
-        let mut out = vec![0f32; panels * k * NR];
+        let mut out = WeightBuffer::zeroed(panels * k * NR, placement);
         out.par_chunks_mut(k * NR).enumerate().for_each(|(p, dst)| {
             for c in 0..NR.min(n - p * NR) {
                 let r = p * NR + c;
@@ -118,13 +126,19 @@ impl PackedWeight {
 
     /// Packs `W` in bf16 (addressed as in [`Self::pack_f32`]); `None` when this CPU lacks
     /// AVX512-BF16.
-    pub fn pack_bf16(w: &[bf16], n: usize, k: usize, s: Strides) -> Option<Self> {
+    pub fn pack_bf16(
+        w: &[bf16],
+        n: usize,
+        k: usize,
+        s: Strides,
+        placement: Placement,
+    ) -> Option<Self> {
         if !Kernel::detect()?.has_bf16() {
             return None;
         }
         let panels = n.div_ceil(NR);
         let k_padded = k.next_multiple_of(2);
-        let mut out = vec![0u16; panels * k_padded * NR];
+        let mut out = WeightBuffer::zeroed(panels * k_padded * NR, placement);
         out.par_chunks_mut(k_padded * NR)
             .enumerate()
             .for_each(|(p, dst)| {
@@ -174,9 +188,13 @@ impl PackedWeight {
         unsafe { self.run_f32(a, m, lda, None, &c, ldc, cols, k_used, 0, cols.div_ceil(NR)) }
     }
 
-    /// `C = A · Wᵀ + bias` for bf16 `A` and weights, accumulated in f32 (C is f32; the caller
-    /// rounds it once if it wants bf16). Split over rayon's threads by panels.
-    pub fn matmul_bf16(
+    /// `C = A · Wᵀ + bias` for bf16 `A` and weights, accumulated in f32 (C is f32), split over
+    /// rayon's threads by panels. Each thread then calls `finish(row, first_column, values)` for
+    /// every row of the columns of C it computed, while they are still in its cache: rounding to
+    /// bf16 or an activation costs no second pass over the threads. Threads get whole groups of `group` panels
+    /// (`group · 32` columns), so an epilogue can pair columns inside a group.
+    #[allow(clippy::too_many_arguments)]
+    pub fn matmul_bf16_then(
         &self,
         a: &[bf16],
         m: usize,
@@ -184,6 +202,8 @@ impl PackedWeight {
         bias: Option<&[f32]>,
         out: &mut [f32],
         ldc: usize,
+        group: usize,
+        finish: impl Fn(usize, usize, &[f32]) + Sync,
     ) {
         self.check(m, (a.len(), lda, self.k), out.len(), ldc, self.n, bias);
         let padded = self.pad_odd_k(a, m, lda);
@@ -193,13 +213,21 @@ impl PackedWeight {
         };
         let c = SharedOut(out.as_mut_ptr());
         let panels = self.n.div_ceil(NR);
-        for_each_thread(panels, |p0, p1| {
+        let group = group.max(1);
+        for_each_thread(panels.div_ceil(group), |g0, g1| {
+            let (p0, p1) = (g0 * group, (g1 * group).min(panels));
             // SAFETY: C was checked to hold `m` rows; each thread writes only its panels' columns.
-            unsafe { self.run_bf16(a, m, lda, bias, &c, ldc, self.n, self.k_padded, p0, p1) }
+            unsafe { self.run_bf16(a, m, lda, bias, &c, ldc, self.n, self.k_padded, p0, p1) };
+            let cols = p0 * NR..(p1 * NR).min(self.n);
+            for row in 0..m {
+                // SAFETY: these columns of C are this thread's and fully written above.
+                let values = unsafe { c.slice(row * ldc + cols.start, cols.len()) };
+                finish(row, cols.start, values);
+            }
         });
     }
 
-    /// As [`Self::matmul_bf16`] on the calling thread only, without bias, for the first `cols`
+    /// As [`Self::matmul_bf16_then`] on the calling thread only, without bias, for the first `cols`
     /// columns of C and the first `k_used` columns of A and W. Rows of A must be readable up to
     /// `k_used` rounded up to even (the value there multiplies a zero weight or must be zero).
     #[allow(clippy::too_many_arguments)]
@@ -428,12 +456,12 @@ impl PackedWeight {
     }
 }
 
-/// Runs `work(first_panel, end_panel)` on rayon's threads, `panels` split evenly.
-fn for_each_thread(panels: usize, work: impl Fn(usize, usize) + Sync) {
-    let threads = rayon::current_num_threads().clamp(1, panels.max(1));
+/// Runs `work(first, end)` on rayon's threads, `0..units` split evenly.
+fn for_each_thread(units: usize, work: impl Fn(usize, usize) + Sync) {
+    let threads = rayon::current_num_threads().clamp(1, units.max(1));
     (0..threads).into_par_iter().for_each(|t| {
-        let p0 = panels * t / threads;
-        let p1 = panels * (t + 1) / threads;
+        let p0 = units * t / threads;
+        let p1 = units * (t + 1) / threads;
         if p0 < p1 {
             work(p0, p1);
         }
@@ -441,9 +469,21 @@ fn for_each_thread(panels: usize, work: impl Fn(usize, usize) + Sync) {
 }
 
 /// The output pointer shared by the threads, which write disjoint column ranges.
-pub(crate) struct SharedOut(pub(crate) *mut f32);
+pub(crate) struct SharedOut<T = f32>(pub(crate) *mut T);
 // SAFETY: every thread writes only its own panels' columns (see `for_each_thread`).
-unsafe impl Sync for SharedOut {}
+unsafe impl<T> Sync for SharedOut<T> {}
+
+impl<T> SharedOut<T> {
+    /// The `len` values from `offset` on.
+    ///
+    /// # Safety
+    /// They must lie inside the buffer, and no other thread may touch them meanwhile.
+    #[allow(clippy::mut_from_ref)]
+    pub(crate) unsafe fn slice(&self, offset: usize, len: usize) -> &mut [T] {
+        // SAFETY: the caller's contract.
+        unsafe { std::slice::from_raw_parts_mut(self.0.add(offset), len) }
+    }
+}
 
 enum Start<'a> {
     /// First `k` block: start from the bias (or zero).
@@ -845,7 +885,9 @@ mod tests {
             };
             // f32 weights given transposed (k × n), as attention packs its values
             let wt: Vec<f32> = (0..k * n).map(|i| w[(i % n) * k + i / n]).collect();
-            let packed = PackedWeight::pack_f32(&wt, n, k, Strides { row: 1, col: n }).unwrap();
+            let packed =
+                PackedWeight::pack_f32(&wt, n, k, Strides { row: 1, col: n }, Placement::Model)
+                    .unwrap();
             let mut out = vec![0f32; m * n];
             packed.matmul_f32_serial(&a, m, k, &mut out, n, n, k);
             for i in 0..m {
@@ -854,8 +896,24 @@ mod tests {
                     assert!(e < 1e-4, "f32 {m}x{n}x{k} at ({i},{j}): off by {e}");
                 }
             }
-            if let Some(packed) = PackedWeight::pack_bf16(&wb, n, k, Strides::row_major(k)) {
-                packed.matmul_bf16(&ab, m, k, Some(&bias), &mut out, n);
+            if let Some(packed) =
+                PackedWeight::pack_bf16(&wb, n, k, Strides::row_major(k), Placement::Model)
+            {
+                // the epilogue sees every value once, in whole groups of 2 panels per thread
+                let seen = std::sync::Mutex::new(vec![f32::NAN; m * n]);
+                packed.matmul_bf16_then(&ab, m, k, Some(&bias), &mut out, n, 2, |i, j0, vals| {
+                    assert!(j0 % (2 * NR) == 0, "a thread's columns start at {j0}");
+                    let mut seen = seen.lock().unwrap();
+                    for (j, &v) in vals.iter().enumerate() {
+                        assert!(seen[i * n + j0 + j].is_nan(), "({i},{}) twice", j0 + j);
+                        seen[i * n + j0 + j] = v;
+                    }
+                });
+                assert_eq!(
+                    seen.into_inner().unwrap(),
+                    out,
+                    "epilogue values {m}x{n}x{k}"
+                );
                 for i in 0..m {
                     for j in 0..n {
                         let want = exact(i, j, true) + bias[j] as f64;
@@ -874,7 +932,8 @@ mod tests {
         }
         let (m, n, k) = (14, 50, 40);
         let (a, w) = (values(m * k, 4), values(n * k, 5));
-        let packed = PackedWeight::pack_f32(&w, n, k, Strides::row_major(k)).unwrap();
+        let packed =
+            PackedWeight::pack_f32(&w, n, k, Strides::row_major(k), Placement::Scratch).unwrap();
         let (cols, k_used) = (37, 25);
         let mut out = vec![f32::NAN; m * cols];
         packed.matmul_f32_serial(&a, m, k, &mut out, cols, cols, k_used);

@@ -16,10 +16,10 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{CpuStorage, DType, Device, Module, Storage, Tensor};
 use candle_nn::VarBuilder;
 use half::bf16;
-use rayon::prelude::*;
 
-use super::gemm::{PackedWeight, Strides};
+use super::gemm::{PackedWeight, SharedOut, Strides};
 use super::matvec;
+use super::weight_buffer::Placement;
 
 /// A quantized weight format for the language model's linear layers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -162,7 +162,9 @@ impl Linear {
         }
         let (n, k) = w.dims2()?;
         let values: Vec<bf16> = w.flatten_all()?.to_vec1()?;
-        let Some(packed) = PackedWeight::pack_bf16(&values, n, k, Strides::row_major(k)) else {
+        let Some(packed) =
+            PackedWeight::pack_bf16(&values, n, k, Strides::row_major(k), Placement::Model)
+        else {
             return Ok(());
         };
         let bias = match &self.bias {
@@ -270,15 +272,26 @@ fn packed_bf16(
         candle_core::bail!("packed bf16 layer on a non-CPU input");
     };
     let a = &values[layout.start_offset()..layout.start_offset() + rows * k];
-    let mut sums = vec![0f32; rows * w.n()];
-    w.matmul_bf16(a, rows, k, bias, &mut sums, w.n());
-    let out: Vec<bf16> = match activation {
-        Some(act) => sums
-            .par_iter()
-            .map(|&v| bf16::from_f32(act.apply_f32(v)))
-            .collect(),
-        None => sums.par_iter().map(|&v| bf16::from_f32(v)).collect(),
-    };
+    let n = w.n();
+    let mut sums = vec![0f32; rows * n];
+    let mut out = vec![bf16::ZERO; rows * n];
+    let dst = SharedOut(out.as_mut_ptr());
+    w.matmul_bf16_then(a, rows, k, bias, &mut sums, n, 1, |row, first, values| {
+        // SAFETY: each thread finishes only its own columns of `out` (rows × n).
+        let dst = unsafe { dst.slice(row * n + first, values.len()) };
+        match activation {
+            Some(act) => {
+                for (d, &v) in dst.iter_mut().zip(values) {
+                    *d = bf16::from_f32(act.apply_f32(v));
+                }
+            }
+            None => {
+                for (d, &v) in dst.iter_mut().zip(values) {
+                    *d = bf16::from_f32(v);
+                }
+            }
+        }
+    });
     Tensor::from_vec(out, dims, &Device::Cpu)
 }
 

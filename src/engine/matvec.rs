@@ -10,6 +10,8 @@ use candle_core::{CpuStorage, DType, Device, Storage, Tensor};
 use half::bf16;
 use rayon::prelude::*;
 
+use super::weight_buffer::{Placement, WeightBuffer};
+
 /// Lanes kept apart in a dot product: enough independent sums for the compiler to use whole
 /// vector registers without reordering a single sum (no fast-math needed).
 const LANES: usize = 16;
@@ -200,7 +202,7 @@ pub(super) fn dot<W>(x: &[f32], w: &[W], widen: impl Fn(&W) -> f32) -> f32 {
 pub struct Int8Rows {
     n: usize,
     k: usize,
-    q: Vec<i8>,
+    q: WeightBuffer<i8>,
     scales: Vec<f32>,
 }
 
@@ -214,7 +216,7 @@ impl Int8Rows {
             k.is_multiple_of(Q8_BLOCK) && w.len() == n * k,
             "({n}, {k}) in blocks of 32"
         );
-        let mut q = vec![0i8; n * k];
+        let mut q = WeightBuffer::zeroed(n * k, Placement::Model);
         let mut scales = vec![0f32; n * k / Q8_BLOCK];
         q.par_chunks_mut(Q8_BLOCK)
             .zip(scales.par_iter_mut())

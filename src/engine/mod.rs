@@ -23,6 +23,7 @@ pub mod sampling;
 pub mod text;
 pub mod vision;
 mod vision_cache;
+mod weight_buffer;
 pub mod weights;
 
 use std::path::{Path, PathBuf};

@@ -330,6 +330,16 @@ impl TextModel {
     /// Runs `embeds` `(1, len, hidden)` through the decoder after what is cached, appends to the
     /// cache, and returns the logits of the last position `(vocab,)` in f32.
     pub fn forward(&mut self, embeds: &Tensor, rope: &RotaryTables) -> candle_core::Result<Tensor> {
+        // on one of rayon's threads: the kernels' parallel loops inside then split work with
+        // the other threads instead of blocking and waking this thread on every layer
+        rayon::scope(|_| self.forward_in_pool(embeds, rope))
+    }
+
+    fn forward_in_pool(
+        &mut self,
+        embeds: &Tensor,
+        rope: &RotaryTables,
+    ) -> candle_core::Result<Tensor> {
         if self.caches.len() != self.layers.len() {
             self.truncate_cache(0);
         }

@@ -160,6 +160,11 @@ impl VisionTower {
 
     /// Runs the tower over the patch rows of several media items (`grids` in order).
     pub fn forward(&self, patches: &Tensor, grids: &[GridThw]) -> candle_core::Result<Tensor> {
+        // on one of rayon's threads, as the decoder does (see `TextModel::forward`)
+        rayon::scope(|_| self.forward_in_pool(patches, grids))
+    }
+
+    fn forward_in_pool(&self, patches: &Tensor, grids: &[GridThw]) -> candle_core::Result<Tensor> {
         let device = patches.device().clone();
         let (n, row_len) = patches.dims2()?;
         let expected: usize = grids.iter().map(|[t, h, w]| t * h * w).sum();
