@@ -17,7 +17,7 @@ use candle_core::{CpuStorage, DType, Device, Module, Storage, Tensor};
 use candle_nn::VarBuilder;
 use half::bf16;
 
-use super::gemm::{PackedWeight, SharedOut, Strides};
+use super::gemm::{Kernel, PackedWeight, SharedOut, Strides};
 use super::matvec;
 use super::weight_buffer::Placement;
 
@@ -98,6 +98,20 @@ impl Activation {
     }
 }
 
+/// How a layer's weights are stored: what the model's loader does with every layer.
+pub trait WeightLayer {
+    /// Stores the weights in `format` (the dense copy is freed). Returns false, leaving the
+    /// layer dense, when its rows do not divide into the format's blocks.
+    fn quantize(&mut self, format: Quantization) -> candle_core::Result<bool>;
+
+    /// Packs dense bf16 weights on the CPU for the AVX512-BF16 kernel (the dense copy is freed);
+    /// a no-op for other dtypes and devices, quantized weights, or CPUs without the instructions.
+    fn pack_for_cpu(&mut self) -> candle_core::Result<()>;
+
+    /// Bytes the weights occupy (what a decode step reads).
+    fn weight_bytes(&self) -> usize;
+}
+
 /// `y = x · Wᵀ (+ b)` over the last dimension of `x`.
 #[derive(Clone)]
 pub struct Linear {
@@ -128,9 +142,52 @@ impl Linear {
         Ok(Self::new(weight, bias))
     }
 
-    /// Stores the weight in `format` (the dense copy is freed). Returns false, leaving the layer
-    /// dense, when its rows do not divide into the format's blocks.
-    pub fn quantize(&mut self, format: Quantization) -> candle_core::Result<bool> {
+    /// Several layers over the same input loaded as one (their weights and biases stacked along
+    /// the output dimension, in the order of `parts`: `(out_dim, name)`), so a token reads them in
+    /// one pass; split the output with [`Tensor::narrow`].
+    pub fn load_stacked(
+        in_dim: usize,
+        parts: &[(usize, &str)],
+        with_bias: bool,
+        vb: VarBuilder,
+    ) -> candle_core::Result<Self> {
+        let weights = parts
+            .iter()
+            .map(|&(out_dim, name)| vb.pp(name).get((out_dim, in_dim), "weight"))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let bias = if with_bias {
+            let biases = parts
+                .iter()
+                .map(|&(out_dim, name)| vb.pp(name).get(out_dim, "bias"))
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            Some(Tensor::cat(&biases, 0)?)
+        } else {
+            None
+        };
+        Ok(Self::new(Tensor::cat(&weights, 0)?, bias))
+    }
+
+    /// `activation(x · Wᵀ + b)`: fused into the packed kernel's rounding step (one rounding
+    /// instead of one per elementwise op), candle's ops otherwise.
+    pub fn forward_activated(
+        &self,
+        x: &Tensor,
+        activation: Activation,
+    ) -> candle_core::Result<Tensor> {
+        match &self.weight {
+            Weight::PackedBf16(w, bias) => packed_bf16(
+                x,
+                w,
+                bias.as_deref().map(|b| b.as_slice()),
+                Some(activation),
+            ),
+            _ => activation.apply(&self.forward(x)?),
+        }
+    }
+}
+
+impl WeightLayer for Linear {
+    fn quantize(&mut self, format: Quantization) -> candle_core::Result<bool> {
         let Weight::Dense(w) = &self.weight else {
             return Ok(true);
         };
@@ -151,9 +208,7 @@ impl Linear {
         Ok(true)
     }
 
-    /// Packs a dense bf16 weight on the CPU for the AVX512-BF16 kernel (the dense copy is freed);
-    /// a no-op for other dtypes and devices, quantized weights, or CPUs without the instructions.
-    pub fn pack_for_cpu(&mut self) -> candle_core::Result<()> {
+    fn pack_for_cpu(&mut self) -> candle_core::Result<()> {
         let Weight::Dense(w) = &self.weight else {
             return Ok(());
         };
@@ -176,26 +231,7 @@ impl Linear {
         Ok(())
     }
 
-    /// `activation(x · Wᵀ + b)`: fused into the packed kernel's rounding step (one rounding
-    /// instead of one per elementwise op), candle's ops otherwise.
-    pub fn forward_activated(
-        &self,
-        x: &Tensor,
-        activation: Activation,
-    ) -> candle_core::Result<Tensor> {
-        match &self.weight {
-            Weight::PackedBf16(w, bias) => packed_bf16(
-                x,
-                w,
-                bias.as_deref().map(|b| b.as_slice()),
-                Some(activation),
-            ),
-            _ => activation.apply(&self.forward(x)?),
-        }
-    }
-
-    /// Bytes the weight occupies (what a decode step reads).
-    pub fn weight_bytes(&self) -> usize {
+    fn weight_bytes(&self) -> usize {
         match &self.weight {
             Weight::Dense(w) => w.elem_count() * w.dtype().size_in_bytes(),
             Weight::Int8(q) => q.bytes(),
@@ -248,6 +284,104 @@ impl Module for Linear {
     }
 }
 
+/// `silu(x · Gᵀ) ⊙ (x · Uᵀ)`, the decoder MLP's gate and up projections as one layer: one pass
+/// over both weights per token. Packed for the bf16 kernel, the rows are interleaved in blocks
+/// of 32 (a panel of gate columns, then the same columns of up), so the thread that computed a
+/// pair of panels applies the gate to them in f32 and rounds once.
+#[derive(Clone)]
+pub struct GatedLinear {
+    /// `[G; U]` stacked, or interleaved per panel once packed.
+    fused: Linear,
+    width: usize,
+}
+
+/// Columns per interleaved block of [`GatedLinear`] (one panel of the packed kernel).
+const GATE_BLOCK: usize = 32;
+
+impl GatedLinear {
+    /// Loads `gate` and `up` (both `width × in_dim`, no bias) from under `vb`.
+    pub fn load(
+        in_dim: usize,
+        width: usize,
+        gate: &str,
+        up: &str,
+        vb: VarBuilder,
+    ) -> candle_core::Result<Self> {
+        Ok(Self {
+            fused: Linear::load_stacked(in_dim, &[(width, gate), (width, up)], false, vb)?,
+            width,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        if let Weight::PackedBf16(w, _) = &self.fused.weight {
+            return packed_bf16_gated(x, w);
+        }
+        let y = self.fused.forward(x)?;
+        let last = y.rank() - 1;
+        let gate = y.narrow(last, 0, self.width)?;
+        let up = y.narrow(last, self.width, self.width)?;
+        candle_nn::ops::silu(&gate)? * up
+    }
+}
+
+impl WeightLayer for GatedLinear {
+    fn quantize(&mut self, format: Quantization) -> candle_core::Result<bool> {
+        self.fused.quantize(format)
+    }
+
+    /// Interleaves gate and up per panel (a width that is not a multiple of 32 stays dense).
+    fn pack_for_cpu(&mut self) -> candle_core::Result<()> {
+        let Weight::Dense(w) = &self.fused.weight else {
+            return Ok(());
+        };
+        let bf16_kernel = Kernel::detect().is_some_and(Kernel::has_bf16);
+        if !self.width.is_multiple_of(GATE_BLOCK)
+            || w.dtype() != DType::BF16
+            || !w.device().is_cpu()
+            || !bf16_kernel
+        {
+            return Ok(());
+        }
+        // row r of the interleaved weight: block r / 64, gate for its first 32 rows, then up
+        let order: Vec<u32> = (0..2 * self.width)
+            .map(|r| {
+                let (block, i) = (r / (2 * GATE_BLOCK), r % (2 * GATE_BLOCK));
+                let source = if i < GATE_BLOCK {
+                    block * GATE_BLOCK + i
+                } else {
+                    self.width + block * GATE_BLOCK + i - GATE_BLOCK
+                };
+                source as u32
+            })
+            .collect();
+        let interleaved = w.index_select(&Tensor::new(order, w.device())?, 0)?;
+        let mut packed = Linear::new(interleaved, None);
+        packed.pack_for_cpu()?;
+        if matches!(packed.weight, Weight::PackedBf16(..)) {
+            self.fused = packed;
+        }
+        Ok(())
+    }
+
+    fn weight_bytes(&self) -> usize {
+        self.fused.weight_bytes()
+    }
+}
+
+/// [`GatedLinear`]'s packed path: `x · Wᵀ` with `W` interleaved per 32 rows, gated in f32.
+fn packed_bf16_gated(x: &Tensor, w: &PackedWeight) -> candle_core::Result<Tensor> {
+    // two panels per thread: a gate block and its up block always land on the same thread
+    packed_bf16_into(x, w, None, 2, |sums, out| {
+        for (out, pair) in out.chunks_mut(GATE_BLOCK).zip(sums.chunks(2 * GATE_BLOCK)) {
+            let (gate, up) = pair.split_at(GATE_BLOCK);
+            for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
+                *o = bf16::from_f32(g / (1.0 + (-g).exp()) * u);
+            }
+        }
+    })
+}
+
 /// `activation(x (.., in) · wᵀ + bias)` through the packed bf16 kernel, rounded once to bf16.
 fn packed_bf16(
     x: &Tensor,
@@ -255,7 +389,31 @@ fn packed_bf16(
     bias: Option<&[f32]>,
     activation: Option<Activation>,
 ) -> candle_core::Result<Tensor> {
-    let k = w.k();
+    packed_bf16_into(x, w, bias, 1, |sums, out| match activation {
+        Some(act) => {
+            for (o, &v) in out.iter_mut().zip(sums) {
+                *o = bf16::from_f32(act.apply_f32(v));
+            }
+        }
+        None => {
+            for (o, &v) in out.iter_mut().zip(sums) {
+                *o = bf16::from_f32(v);
+            }
+        }
+    })
+}
+
+/// `x (.., in) · wᵀ + bias` through the packed kernel, threads taking `group` panels at a time,
+/// made a bf16 tensor of `n / group` columns by `finish(sums, out)`: each thread calls it with
+/// the f32 sums of its columns of one row and the matching `1 / group` share of that row's output.
+fn packed_bf16_into(
+    x: &Tensor,
+    w: &PackedWeight,
+    bias: Option<&[f32]>,
+    group: usize,
+    finish: impl Fn(&[f32], &mut [bf16]) + Sync,
+) -> candle_core::Result<Tensor> {
+    let (n, k) = (w.n(), w.k());
     if x.dtype() != DType::BF16 || x.dim(candle_core::D::Minus1)? != k {
         candle_core::bail!(
             "packed bf16 layer of {k} inputs got a {:?} input of shape {:?}",
@@ -263,35 +421,33 @@ fn packed_bf16(
             x.dims()
         );
     }
+    let width = n / group;
     let x = x.contiguous()?;
     let rows = x.elem_count() / k.max(1);
     let mut dims = x.dims().to_vec();
-    *dims.last_mut().expect("x has a last dim") = w.n();
+    *dims.last_mut().expect("x has a last dim") = width;
     let (storage, layout) = x.storage_and_layout();
     let Storage::Cpu(CpuStorage::BF16(values)) = &*storage else {
         candle_core::bail!("packed bf16 layer on a non-CPU input");
     };
     let a = &values[layout.start_offset()..layout.start_offset() + rows * k];
-    let n = w.n();
     let mut sums = vec![0f32; rows * n];
-    let mut out = vec![bf16::ZERO; rows * n];
+    let mut out = vec![bf16::ZERO; rows * width];
     let dst = SharedOut(out.as_mut_ptr());
-    w.matmul_bf16_then(a, rows, k, bias, &mut sums, n, 1, |row, first, values| {
-        // SAFETY: each thread finishes only its own columns of `out` (rows × n).
-        let dst = unsafe { dst.slice(row * n + first, values.len()) };
-        match activation {
-            Some(act) => {
-                for (d, &v) in dst.iter_mut().zip(values) {
-                    *d = bf16::from_f32(act.apply_f32(v));
-                }
-            }
-            None => {
-                for (d, &v) in dst.iter_mut().zip(values) {
-                    *d = bf16::from_f32(v);
-                }
-            }
-        }
-    });
+    w.matmul_bf16_then(
+        a,
+        rows,
+        k,
+        bias,
+        &mut sums,
+        n,
+        group,
+        |row, first, values| {
+            // SAFETY: each thread finishes only its own columns of `out` (rows × width).
+            let out = unsafe { dst.slice(row * width + first / group, values.len() / group) };
+            finish(values, out);
+        },
+    );
     Tensor::from_vec(out, dims, &Device::Cpu)
 }
 
@@ -403,6 +559,62 @@ mod tests {
             let diff = max_abs(&(got.to_dtype(DType::F32).unwrap() - &exact).unwrap());
             // one rounding to bf16 of values up to ~40: half a unit in the last place is 0.125
             assert!(diff <= 0.125, "rows {rows}: {diff}");
+        }
+    }
+
+    /// A [`GatedLinear`] from random gate and up weights, with the plain `silu(x·Gᵀ) ⊙ (x·Uᵀ)`
+    /// computed in f32 from the same (rounded) values.
+    fn gated_case(width: usize, dtype: DType) -> (GatedLinear, Tensor, Tensor) {
+        let dev = &Device::Cpu;
+        let round = |t: Tensor| t.to_dtype(dtype).unwrap();
+        let (gate, up) = (
+            round(Tensor::randn(0f32, 0.2, (width, 64), dev).unwrap()),
+            round(Tensor::randn(0f32, 0.2, (width, 64), dev).unwrap()),
+        );
+        let x = round(Tensor::randn(0f32, 1.0, (1, 3, 64), dev).unwrap());
+        let layer = GatedLinear {
+            fused: Linear::new(Tensor::cat(&[&gate, &up], 0).unwrap(), None),
+            width,
+        };
+        let f = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+        let g = f(&x).broadcast_matmul(&f(&gate).t().unwrap()).unwrap();
+        let u = f(&x).broadcast_matmul(&f(&up).t().unwrap()).unwrap();
+        let want = (candle_nn::ops::silu(&g).unwrap() * u).unwrap();
+        (layer, x, want)
+    }
+
+    #[test]
+    fn gated_layer_matches_silu_gate_times_up_dense_quantized_and_packed() {
+        let f = |t: Tensor| t.to_dtype(DType::F32).unwrap();
+        // a width of 5 blocks of 32 (odd: the last thread's pair of panels is whole) and one
+        // that is no multiple of 32 (stays dense)
+        for width in [160, 40] {
+            let (layer, x, want) = gated_case(width, DType::F32);
+            let diff = max_abs(&(f(layer.forward(&x).unwrap()) - &want).unwrap());
+            assert!(diff < 1e-5, "f32 width {width}: {diff}");
+            let mut q = layer.clone();
+            assert!(q.quantize(Quantization::Q8_0).unwrap());
+            let diff = max_abs(&(f(q.forward(&x).unwrap()) - &want).unwrap());
+            assert!(diff < 0.02 * max_abs(&want), "q8_0 width {width}: {diff}");
+
+            let (mut layer, x, want) = gated_case(width, DType::BF16);
+            let bytes = layer.weight_bytes();
+            layer.pack_for_cpu().unwrap();
+            assert_eq!(layer.weight_bytes(), bytes);
+            let packed = matches!(layer.fused.weight, Weight::PackedBf16(..));
+            assert_eq!(
+                packed,
+                width % 32 == 0 && Kernel::detect().is_some_and(|k| k.has_bf16())
+            );
+            let got = layer.forward(&x).unwrap();
+            assert_eq!((got.dims(), got.dtype()), (&[1, 3, width][..], DType::BF16));
+            // packed: one rounding of values below 4 (2^-8 relative); dense: four roundings
+            let diff = max_abs(&(f(got) - &want).unwrap());
+            let tolerance = if packed { 0.008 } else { 0.05 };
+            assert!(
+                diff < tolerance * max_abs(&want).max(1.0),
+                "bf16 width {width} packed {packed}: {diff}"
+            );
         }
     }
 

@@ -5,7 +5,7 @@
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Embedding, RmsNorm, VarBuilder};
 
-use super::linear::{Linear, Quantization};
+use super::linear::{GatedLinear, Linear, Quantization, WeightLayer};
 
 use super::attention;
 use super::config::TextConfig;
@@ -112,9 +112,8 @@ pub fn mrope_tables(
 }
 
 struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
+    /// q, k and v stacked: one pass over the three weights.
+    qkv_proj: Linear,
     o_proj: Linear,
     num_heads: usize,
     num_kv_heads: usize,
@@ -124,10 +123,14 @@ struct Attention {
 impl Attention {
     fn load(cfg: &TextConfig, vb: VarBuilder) -> candle_core::Result<Self> {
         let (h, hd) = (cfg.hidden_size, cfg.head_dim());
+        let (q, kv) = (cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd);
         Ok(Self {
-            q_proj: Linear::load(h, cfg.num_attention_heads * hd, true, vb.pp("q_proj"))?,
-            k_proj: Linear::load(h, cfg.num_key_value_heads * hd, true, vb.pp("k_proj"))?,
-            v_proj: Linear::load(h, cfg.num_key_value_heads * hd, true, vb.pp("v_proj"))?,
+            qkv_proj: Linear::load_stacked(
+                h,
+                &[(q, "q_proj"), (kv, "k_proj"), (kv, "v_proj")],
+                true,
+                vb.clone(),
+            )?,
             o_proj: Linear::load(cfg.num_attention_heads * hd, h, false, vb.pp("o_proj"))?,
             num_heads: cfg.num_attention_heads,
             num_kv_heads: cfg.num_key_value_heads,
@@ -142,18 +145,23 @@ impl Attention {
         cache: &mut KvCache,
     ) -> candle_core::Result<Tensor> {
         let (b, s, _) = x.dims3()?;
-        let q = self
-            .q_proj
-            .forward(x)?
+        let qkv = self.qkv_proj.forward(x)?;
+        let (q_width, kv_width) = (
+            self.num_heads * self.head_dim,
+            self.num_kv_heads * self.head_dim,
+        );
+        let q = qkv
+            .narrow(2, 0, q_width)?
             .reshape((b, s, self.num_heads, self.head_dim))?;
-        let k = self
-            .k_proj
-            .forward(x)?
-            .reshape((b, s, self.num_kv_heads, self.head_dim))?;
-        let v = self
-            .v_proj
-            .forward(x)?
-            .reshape((b, s, self.num_kv_heads, self.head_dim))?;
+        let k =
+            qkv.narrow(2, q_width, kv_width)?
+                .reshape((b, s, self.num_kv_heads, self.head_dim))?;
+        let v = qkv.narrow(2, q_width + kv_width, kv_width)?.reshape((
+            b,
+            s,
+            self.num_kv_heads,
+            self.head_dim,
+        ))?;
         let q = candle_nn::rotary_emb::rope_thd(&q.contiguous()?, &rope.cos, &rope.sin)?;
         let k = candle_nn::rotary_emb::rope_thd(&k.contiguous()?, &rope.cos, &rope.sin)?;
         let (k, v) = cache.append(&k, &v)?;
@@ -166,22 +174,18 @@ impl Attention {
 
 struct DecoderLayer {
     attn: Attention,
-    gate: Linear,
-    up: Linear,
+    gate_up: GatedLinear,
     down: Linear,
     input_norm: RmsNorm,
     post_norm: RmsNorm,
 }
 
 impl DecoderLayer {
-    fn linears_mut(&mut self) -> [&mut Linear; 7] {
+    fn linears_mut(&mut self) -> [&mut dyn WeightLayer; 4] {
         [
-            &mut self.attn.q_proj,
-            &mut self.attn.k_proj,
-            &mut self.attn.v_proj,
+            &mut self.attn.qkv_proj,
             &mut self.attn.o_proj,
-            &mut self.gate,
-            &mut self.up,
+            &mut self.gate_up,
             &mut self.down,
         ]
     }
@@ -191,8 +195,7 @@ impl DecoderLayer {
         let mlp = vb.pp("mlp");
         Ok(Self {
             attn: Attention::load(cfg, vb.pp("self_attn"))?,
-            gate: Linear::load(h, i, false, mlp.pp("gate_proj"))?,
-            up: Linear::load(h, i, false, mlp.pp("up_proj"))?,
+            gate_up: GatedLinear::load(h, i, "gate_proj", "up_proj", mlp.clone())?,
             down: Linear::load(i, h, false, mlp.pp("down_proj"))?,
             input_norm: candle_nn::rms_norm(h, cfg.rms_norm_eps, vb.pp("input_layernorm"))?,
             post_norm: candle_nn::rms_norm(h, cfg.rms_norm_eps, vb.pp("post_attention_layernorm"))?,
@@ -210,8 +213,7 @@ impl DecoderLayer {
             .forward(&self.input_norm.forward(x)?, rope, cache)?;
         let x = (x + h)?;
         let n = self.post_norm.forward(&x)?;
-        let m = (candle_nn::ops::silu(&self.gate.forward(&n)?)? * self.up.forward(&n)?)?;
-        x + self.down.forward(&m)?
+        x + self.down.forward(&self.gate_up.forward(&n)?)?
     }
 }
 
@@ -241,17 +243,18 @@ impl TextModel {
         // Quantized layer by layer, so the whole decoder is never held in full precision.
         let mut dense = 0;
         // Without quantization, bf16 weights are packed for the CPU kernel where it runs.
-        let mut quantized = |linears: &mut [&mut Linear], pack: bool| -> candle_core::Result<()> {
-            for linear in linears {
-                match quantize {
-                    Some(format) if !linear.quantize(format)? => dense += 1,
-                    Some(_) => {}
-                    None if pack => linear.pack_for_cpu()?,
-                    None => {}
+        let mut quantized =
+            |linears: &mut [&mut dyn WeightLayer], pack: bool| -> candle_core::Result<()> {
+                for linear in linears {
+                    match quantize {
+                        Some(format) if !linear.quantize(format)? => dense += 1,
+                        Some(_) => {}
+                        None if pack => linear.pack_for_cpu()?,
+                        None => {}
+                    }
                 }
-            }
-            Ok(())
-        };
+                Ok(())
+            };
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
             let mut layer = DecoderLayer::load(cfg, model_vb.pp("layers").pp(i))?;
@@ -294,16 +297,15 @@ impl TextModel {
         &self.cfg
     }
 
-    fn linears_mut(&mut self) -> impl Iterator<Item = &mut Linear> {
-        self.layers
-            .iter_mut()
-            .flat_map(DecoderLayer::linears_mut)
-            .chain(std::iter::once(&mut self.lm_head))
-    }
-
     /// Bytes of weights one decode step reads (every linear layer, the embedding row aside).
     pub fn decode_weight_bytes(&mut self) -> usize {
-        self.linears_mut().map(|l| l.weight_bytes()).sum()
+        let layers: usize = self
+            .layers
+            .iter_mut()
+            .flat_map(DecoderLayer::linears_mut)
+            .map(|l| l.weight_bytes())
+            .sum();
+        layers + self.lm_head.weight_bytes()
     }
 
     /// Token embeddings `(1, len, hidden)` for `ids`.

@@ -7,7 +7,7 @@ use candle_nn::{LayerNorm, LayerNormConfig, VarBuilder};
 
 use super::attention;
 use super::config::VisionConfig;
-use super::linear::{Activation, Linear};
+use super::linear::{Activation, Linear, WeightLayer};
 use super::rope_index::GridThw;
 
 const LAYER_NORM_EPS: f64 = 1e-6;
