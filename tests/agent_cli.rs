@@ -2,37 +2,57 @@
 //! progress on stderr, secrets kept out of both, a `kill -9` mid-run leaving a readable
 //! trajectory, and replays that verify each screen.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+#[path = "support/cli.rs"]
+mod cli;
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
+use cli::{VLAD, replies_file, run_args, text, vlad, vlad_with_env, vlad_with_input};
 use vlad::agent::{RunStatus, trajectory};
 
-const VLAD: &str = env!("CARGO_BIN_EXE_vlad");
-
-fn replies_file(dir: &Path, replies: &[&str]) -> Result<PathBuf> {
-    let path = dir.join("replies.jsonl");
-    let mut text = String::new();
-    for r in replies {
-        text.push_str(&serde_json::json!({ "reply": r }).to_string());
-        text.push('\n');
-    }
-    std::fs::write(&path, text)?;
-    Ok(path)
-}
-
-fn run(args: &[&str], envs: &[(&str, &str)]) -> Result<Output> {
+/// `vlad run` of 100 clicks on a copy of the virtual profile whose steps each wait `settle_ms`
+/// first, recording into `DIR/trace`.
+fn slow_run(dir: &Path, settle_ms: u64) -> Result<Command> {
+    let profile = include_str!("../agents/virtual.toml")
+        .replace("max_steps = 15", "max_steps = 200")
+        .replace("[safety]", &format!("settle_ms = {settle_ms}\n\n[safety]"));
+    let profile_path = dir.join("slow.toml");
+    std::fs::write(&profile_path, profile)?;
+    let a = "*FUNCTION*: Click *ARGS*: {\"point\": (500,200)}";
+    let b = "*FUNCTION*: Click *ARGS*: {\"point\": (500,433)}";
+    let many: Vec<&str> = (0..100).map(|i| if i % 2 == 0 { a } else { b }).collect();
+    let replies = replies_file(dir, &many)?;
     let mut cmd = Command::new(VLAD);
-    cmd.args(args).stdin(Stdio::null());
-    for (k, v) in envs {
-        cmd.env(k, v);
-    }
-    Ok(cmd.output()?)
+    cmd.args(run_args(
+        "t",
+        profile_path.to_str().unwrap_or_default(),
+        &replies,
+        &dir.join("trace"),
+        &[],
+    ));
+    Ok(cmd)
 }
 
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
+/// Waits until the run recording into `trace` has written `steps` steps (killing it after 60 s).
+fn wait_for_steps(child: &mut Child, trace: &Path, steps: usize) -> Result<()> {
+    let steps_file = trace.join(trajectory::STEPS_FILE);
+    let start = Instant::now();
+    loop {
+        let lines = std::fs::read_to_string(&steps_file)
+            .map(|t| t.lines().count())
+            .unwrap_or(0);
+        if lines >= steps {
+            return Ok(());
+        }
+        if start.elapsed() > Duration::from_secs(60) {
+            let _ = child.kill();
+            bail!("the run wrote {lines} steps in 60 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 const FORM: [&str; 5] = [
@@ -48,21 +68,13 @@ fn run_prints_the_answer_and_replay_verifies_it() -> Result<()> {
     let tmp = tempfile::tempdir()?;
     let replies = replies_file(tmp.path(), &FORM)?;
     let trace = tmp.path().join("trace");
-    let out = run(
-        &[
-            "run",
-            "Fill in the form",
-            "--agent",
-            "virtual",
-            "--backend",
-            "replay",
-            "--replies",
-            replies.to_str().unwrap_or_default(),
-            "--trace",
-            trace.to_str().unwrap_or_default(),
-        ],
+    let out = vlad(&run_args(
+        "Fill in the form",
+        "virtual",
+        &replies,
+        &trace,
         &[],
-    )?;
+    ))?;
     let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
     assert_eq!(out.status.code(), Some(0), "{stderr}");
     assert_eq!(stdout, "Saved the form.\n");
@@ -79,15 +91,12 @@ fn run_prints_the_answer_and_replay_verifies_it() -> Result<()> {
     ));
 
     // Replaying on a fresh virtual screen reproduces every recorded screen.
-    let out = run(
-        &[
-            "replay",
-            trace.to_str().unwrap_or_default(),
-            "--verify",
-            "--json",
-        ],
-        &[],
-    )?;
+    let out = vlad(&[
+        "replay",
+        trace.to_str().unwrap_or_default(),
+        "--verify",
+        "--json",
+    ])?;
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     let report: serde_json::Value = serde_json::from_slice(&out.stdout)?;
     assert_eq!(report["status"]["status"], "completed");
@@ -96,10 +105,7 @@ fn run_prints_the_answer_and_replay_verifies_it() -> Result<()> {
     // A recorded screen that no longer matches is drift: exit 4, the step named.
     let blank = image::RgbImage::from_pixel(400, 300, image::Rgb([1, 2, 3]));
     blank.save(trace.join("screenshots/0002.png"))?;
-    let out = run(
-        &["replay", trace.to_str().unwrap_or_default(), "--verify"],
-        &[],
-    )?;
+    let out = vlad(&["replay", trace.to_str().unwrap_or_default(), "--verify"])?;
     assert_eq!(out.status.code(), Some(4), "{}", text(&out.stderr));
     assert!(
         text(&out.stderr).contains("drift before step 3"),
@@ -107,7 +113,7 @@ fn run_prints_the_answer_and_replay_verifies_it() -> Result<()> {
         text(&out.stderr)
     );
     // Without --verify the actions are simply performed again.
-    let out = run(&["replay", trace.to_str().unwrap_or_default()], &[])?;
+    let out = vlad(&["replay", trace.to_str().unwrap_or_default()])?;
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     Ok(())
 }
@@ -132,21 +138,7 @@ fn exit_statuses_tell_how_the_run_ended() -> Result<()> {
         let dir = tmp.path().join(format!("case{i}"));
         std::fs::create_dir_all(&dir)?;
         let file = replies_file(&dir, replies)?;
-        let out = run(
-            &[
-                "run",
-                "t",
-                "--agent",
-                "virtual",
-                "--backend",
-                "replay",
-                "--replies",
-                file.to_str().unwrap_or_default(),
-                "--trace",
-                dir.join("trace").to_str().unwrap_or_default(),
-            ],
-            &[],
-        )?;
+        let out = vlad(&run_args("t", "virtual", &file, &dir.join("trace"), &[]))?;
         assert_eq!(
             out.status.code(),
             Some(*code),
@@ -156,23 +148,17 @@ fn exit_statuses_tell_how_the_run_ended() -> Result<()> {
         assert_eq!(text(&out.stdout), *stdout, "case {i}");
     }
     // Usage errors name what to do.
-    let out = run(
-        &["run", "t", "--agent", "virtual", "--backend", "replay"],
-        &[],
-    )?;
+    let out = vlad(&["run", "t", "--agent", "virtual", "--backend", "replay"])?;
     assert_eq!(out.status.code(), Some(1));
     assert!(text(&out.stderr).contains("--replies FILE"));
-    let out = run(
-        &[
-            "run",
-            "t",
-            "--agent",
-            "no-such-profile.toml",
-            "--backend",
-            "replay",
-        ],
-        &[],
-    )?;
+    let out = vlad(&[
+        "run",
+        "t",
+        "--agent",
+        "no-such-profile.toml",
+        "--backend",
+        "replay",
+    ])?;
     assert_eq!(out.status.code(), Some(1));
     assert!(text(&out.stderr).contains("not a built-in profile"));
     Ok(())
@@ -191,20 +177,14 @@ fn secrets_stay_out_of_logs_output_and_trajectories() -> Result<()> {
         ],
     )?;
     let trace = tmp.path().join("trace");
-    let out = run(
-        &[
-            "run",
+    let out = vlad_with_env(
+        &run_args(
             "Type {{secret:PW}} into notes",
-            "--agent",
             "virtual",
-            "--backend",
-            "replay",
-            "--replies",
-            replies.to_str().unwrap_or_default(),
-            "--trace",
-            trace.to_str().unwrap_or_default(),
-            "--json",
-        ],
+            &replies,
+            &trace,
+            &["--json"],
+        ),
         &[("VLAD_SECRET_PW", secret), ("VLAD_LOG", "trace")],
     )?;
     let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
@@ -226,22 +206,19 @@ fn secrets_stay_out_of_logs_output_and_trajectories() -> Result<()> {
         }
     }
     // Without the secret the run does not start; with it a replay types it again.
-    let out = run(
-        &[
-            "run",
-            "Type {{secret:PW}}",
-            "--agent",
-            "virtual",
-            "--backend",
-            "replay",
-            "--replies",
-            replies.to_str().unwrap_or_default(),
-        ],
-        &[],
-    )?;
+    let out = vlad(&[
+        "run",
+        "Type {{secret:PW}}",
+        "--agent",
+        "virtual",
+        "--backend",
+        "replay",
+        "--replies",
+        replies.to_str().unwrap_or_default(),
+    ])?;
     assert_eq!(out.status.code(), Some(1));
     assert!(text(&out.stderr).contains("VLAD_SECRET_PW"));
-    let out = run(
+    let out = vlad_with_env(
         &["replay", trace.to_str().unwrap_or_default(), "--verify"],
         &[("VLAD_SECRET_PW", secret)],
     )?;
@@ -255,22 +232,7 @@ fn a_dry_run_says_what_would_have_happened() -> Result<()> {
     let tmp = tempfile::tempdir()?;
     let replies = replies_file(tmp.path(), &FORM)?;
     let trace = tmp.path().join("trace");
-    let out = run(
-        &[
-            "run",
-            "t",
-            "--agent",
-            "virtual",
-            "--backend",
-            "replay",
-            "--dry-run",
-            "--replies",
-            replies.to_str().unwrap_or_default(),
-            "--trace",
-            trace.to_str().unwrap_or_default(),
-        ],
-        &[],
-    )?;
+    let out = vlad(&run_args("t", "virtual", &replies, &trace, &["--dry-run"]))?;
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     assert!(text(&out.stderr).contains("-> dry_run"));
     let t = trajectory::read(&trace)?;
@@ -285,49 +247,14 @@ fn a_dry_run_says_what_would_have_happened() -> Result<()> {
 #[test]
 fn kill_9_mid_run_leaves_a_readable_trajectory() -> Result<()> {
     let tmp = tempfile::tempdir()?;
-    // A slow profile: each step waits 150 ms before its screenshot.
-    let profile = include_str!("../agents/virtual.toml")
-        .replace("max_steps = 15", "max_steps = 200")
-        .replace("[safety]", "settle_ms = 150\n\n[safety]");
-    let profile_path = tmp.path().join("slow.toml");
-    std::fs::write(&profile_path, profile)?;
-    let a = "*FUNCTION*: Click *ARGS*: {\"point\": (500,200)}";
-    let b = "*FUNCTION*: Click *ARGS*: {\"point\": (500,433)}";
-    let many: Vec<&str> = (0..100).map(|i| if i % 2 == 0 { a } else { b }).collect();
-    let replies = replies_file(tmp.path(), &many)?;
     let trace = tmp.path().join("trace");
-    let mut child = Command::new(VLAD)
-        .args([
-            "run",
-            "t",
-            "--agent",
-            profile_path.to_str().unwrap_or_default(),
-            "--backend",
-            "replay",
-            "--replies",
-            replies.to_str().unwrap_or_default(),
-            "--trace",
-            trace.to_str().unwrap_or_default(),
-        ])
+    // A slow profile: each step waits 150 ms before its screenshot.
+    let mut child = slow_run(tmp.path(), 150)?
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()?;
-    let steps_file = trace.join(trajectory::STEPS_FILE);
-    let start = Instant::now();
-    loop {
-        let lines = std::fs::read_to_string(&steps_file)
-            .map(|t| t.lines().count())
-            .unwrap_or(0);
-        if lines >= 3 {
-            break;
-        }
-        if start.elapsed() > Duration::from_secs(60) {
-            let _ = child.kill();
-            bail!("the run wrote {lines} steps in 60 s");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_steps(&mut child, &trace, 3)?;
     child.kill()?; // SIGKILL
     let status = child.wait()?;
     assert!(!status.success());
@@ -342,10 +269,7 @@ fn kill_9_mid_run_leaves_a_readable_trajectory() -> Result<()> {
         }
     }
     // The partial run replays and verifies.
-    let out = run(
-        &["replay", trace.to_str().unwrap_or_default(), "--verify"],
-        &[],
-    )?;
+    let out = vlad(&["replay", trace.to_str().unwrap_or_default(), "--verify"])?;
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     Ok(())
 }
@@ -353,45 +277,13 @@ fn kill_9_mid_run_leaves_a_readable_trajectory() -> Result<()> {
 #[test]
 fn ctrl_c_stops_between_actions_with_its_own_status() -> Result<()> {
     let tmp = tempfile::tempdir()?;
-    let profile = include_str!("../agents/virtual.toml")
-        .replace("max_steps = 15", "max_steps = 200")
-        .replace("[safety]", "settle_ms = 100\n\n[safety]");
-    let profile_path = tmp.path().join("slow.toml");
-    std::fs::write(&profile_path, profile)?;
-    let a = "*FUNCTION*: Click *ARGS*: {\"point\": (500,200)}";
-    let b = "*FUNCTION*: Click *ARGS*: {\"point\": (500,433)}";
-    let many: Vec<&str> = (0..100).map(|i| if i % 2 == 0 { a } else { b }).collect();
-    let replies = replies_file(tmp.path(), &many)?;
     let trace = tmp.path().join("trace");
-    let child = Command::new(VLAD)
-        .args([
-            "run",
-            "t",
-            "--agent",
-            profile_path.to_str().unwrap_or_default(),
-            "--backend",
-            "replay",
-            "--replies",
-            replies.to_str().unwrap_or_default(),
-            "--trace",
-            trace.to_str().unwrap_or_default(),
-        ])
+    let mut child = slow_run(tmp.path(), 100)?
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()?;
-    let steps_file = trace.join(trajectory::STEPS_FILE);
-    let start = Instant::now();
-    while std::fs::read_to_string(&steps_file)
-        .map(|t| t.lines().count())
-        .unwrap_or(0)
-        < 2
-    {
-        if start.elapsed() > Duration::from_secs(60) {
-            bail!("no progress");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_steps(&mut child, &trace, 2)?;
     let sent = Command::new("kill")
         .args(["-INT", &child.id().to_string()])
         .status()?;
@@ -422,29 +314,10 @@ fn interactive_runs_ask_the_terminal() -> Result<()> {
         ],
     )?;
     let trace = tmp.path().join("trace");
-    let mut child = Command::new(VLAD)
-        .args([
-            "run",
-            "t",
-            "--agent",
-            "virtual",
-            "--backend",
-            "replay",
-            "--interactive",
-            "--replies",
-            replies.to_str().unwrap_or_default(),
-            "--trace",
-            trace.to_str().unwrap_or_default(),
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    if let Some(mut stdin) = child.stdin.take() {
-        use std::io::Write;
-        stdin.write_all("Ada Lovelace\nn\ny\n".as_bytes())?;
-    }
-    let out = child.wait_with_output()?;
+    let out = vlad_with_input(
+        &run_args("t", "virtual", &replies, &trace, &["--interactive"]),
+        "Ada Lovelace\nn\ny\n",
+    )?;
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{stderr}");
     assert!(stderr.contains("vlad asks: Which name?"), "{stderr}");

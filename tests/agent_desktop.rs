@@ -2,46 +2,21 @@
 //! its entry, type non-ASCII text, press a key combination and click its button; the app's own
 //! state file proves every action landed, and the trajectory records the run.
 
+#[path = "support/tk_probe.rs"]
+mod tk_probe;
 #[path = "support/xvfb.rs"]
 mod xvfb;
 
-use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use serde_json::Value;
+use tk_probe::start_settled_probe;
 use vlad::agent::{RunStatus, trajectory};
-use xvfb::{Xvfb, python, read_json, serial};
+use xvfb::{Xvfb, read_json, serial};
 
 const W: u32 = 1600;
 const H: u32 = 900;
-
-/// Starts the Tk probe; returns its state file once the window has settled.
-fn start_probe(x: &mut Xvfb) -> Result<PathBuf> {
-    let state = x.path("probe.json");
-    let mut cmd = x.command(python());
-    cmd.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/desktop_apps/tk_probe.py"))
-        .arg(&state);
-    x.spawn(cmd);
-    let mut last = None;
-    let start = Instant::now();
-    loop {
-        anyhow::ensure!(
-            start.elapsed() < Duration::from_secs(20),
-            "the Tk probe never showed up"
-        );
-        std::thread::sleep(Duration::from_millis(150));
-        let Some(s) = read_json(&state) else { continue };
-        if s["mapped"] != true || s["swatch"]["width"] != 200 {
-            continue;
-        }
-        let geo = (s["entry"].clone(), s["button"].clone());
-        if last.as_ref() == Some(&geo) {
-            return Ok(state);
-        }
-        last = Some(geo);
-    }
-}
 
 /// A widget's centre in the model's 0-1000 space of a W x H screenshot.
 fn model_point(s: &Value, widget: &str) -> Result<(i64, i64)> {
@@ -55,7 +30,7 @@ fn model_point(s: &Value, widget: &str) -> Result<(i64, i64)> {
 fn a_task_in_a_real_tk_app_lands_every_action() -> Result<()> {
     let _g = serial();
     let mut x = Xvfb::with_wm(W, H);
-    let probe = start_probe(&mut x)?;
+    let probe = start_settled_probe(&mut x, None);
     let s = read_json(&probe).context("probe state")?;
     let (ex, ey) = model_point(&s, "entry")?;
     let (bx, by) = model_point(&s, "button")?;

@@ -2,59 +2,23 @@
 //! (widget state), results are written back inside the assistant turn, the history policy holds,
 //! the trajectory is on disk, and every stop condition, dry runs, safety rules and secrets work.
 
+#[path = "support/recording.rs"]
+mod recording;
+
 use std::path::Path;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Result;
+use recording::{Recording, flatten};
 use vlad::action::Action;
 use vlad::agent::{
     Agent, Decision, Event, Hooks, NoHooks, Profile, RunOptions, RunStatus, Secrets, StopSignal,
     trajectory,
 };
-use vlad::engine::{Content, GenerationOptions, Part, Prompt};
+use vlad::engine::Prompt;
 use vlad::environment::virtual_screen::VirtualScreen;
-use vlad::model::{Completion, Model, ReplayModel};
-
-/// A model that hands out recorded replies and keeps every prompt it was given.
-struct Recording {
-    inner: ReplayModel,
-    prompts: Arc<Mutex<Vec<Prompt>>>,
-    delay: Duration,
-}
-
-impl Recording {
-    fn new(replies: &[&str]) -> (Self, Arc<Mutex<Vec<Prompt>>>) {
-        let prompts = Arc::new(Mutex::new(Vec::new()));
-        let model = Self {
-            inner: ReplayModel::from_replies(
-                "test.jsonl",
-                replies.iter().map(|r| r.to_string()).collect(),
-            ),
-            prompts: prompts.clone(),
-            delay: Duration::ZERO,
-        };
-        (model, prompts)
-    }
-}
-
-impl Model for Recording {
-    fn generate(
-        &mut self,
-        prompt: &Prompt,
-        options: &GenerationOptions,
-    ) -> vlad::model::Result<Completion> {
-        if let Ok(mut p) = self.prompts.lock() {
-            p.push(prompt.clone());
-        }
-        std::thread::sleep(self.delay);
-        self.inner.generate(prompt, options)
-    }
-    fn name(&self) -> String {
-        "recording".into()
-    }
-}
 
 fn virtual_profile() -> Result<Profile> {
     Ok(Profile::load("virtual")?)
@@ -73,28 +37,6 @@ fn options(dir: &Path) -> RunOptions {
         trace_dir: Some(dir.join("run")),
         ..Default::default()
     }
-}
-
-/// Text of the prompt's parts, images as `<img>`.
-fn flatten(prompt: &Prompt) -> Vec<(String, String)> {
-    prompt
-        .messages
-        .iter()
-        .map(|m| {
-            let text = match &m.content {
-                Content::Text(t) => t.clone(),
-                Content::Parts(parts) => parts
-                    .iter()
-                    .map(|p| match p {
-                        Part::Text(t) => t.clone(),
-                        Part::Image(_) => "<img>".to_string(),
-                        Part::Video(_) => "<video>".to_string(),
-                    })
-                    .collect(),
-            };
-            (m.role.clone(), text)
-        })
-        .collect()
 }
 
 fn images(prompt: &Prompt) -> usize {
@@ -246,17 +188,20 @@ fn a_multi_step_task_lands_every_action_and_records_it() -> Result<()> {
     Ok(())
 }
 
+/// How a run ended, the screen after it, every prompt and the trajectory on disk.
+type Run = (
+    RunStatus,
+    VirtualScreen,
+    Vec<Prompt>,
+    trajectory::Trajectory,
+);
+
 fn run_with(
     profile: Profile,
     replies: &[&str],
     options: &RunOptions,
     hooks: &mut dyn Hooks,
-) -> Result<(
-    RunStatus,
-    VirtualScreen,
-    Vec<Prompt>,
-    trajectory::Trajectory,
-)> {
+) -> Result<Run> {
     let mut env = screen(&profile)?;
     let agent = Agent::new(profile)?;
     let (mut model, prompts) = Recording::new(replies);
@@ -270,18 +215,23 @@ fn run_with(
     Ok((report.status, env, prompts, t))
 }
 
+/// [`run_with`] on the virtual profile with default options and no hooks.
+fn run_replies(replies: &[&str]) -> Result<Run> {
+    let tmp = tempfile::tempdir()?;
+    run_with(
+        virtual_profile()?,
+        replies,
+        &options(tmp.path()),
+        &mut NoHooks,
+    )
+}
+
 const CLICK_A: &str = "*FUNCTION*: Click *ARGS*: {\"point\": (100,900)}";
 const CLICK_B: &str = "*FUNCTION*: Click *ARGS*: {\"point\": (900,900)}";
 
 #[test]
 fn a_reply_without_a_call_is_the_answer() -> Result<()> {
-    let tmp = tempfile::tempdir()?;
-    let (status, env, _, _) = run_with(
-        virtual_profile()?,
-        &["All done, nothing to do."],
-        &options(tmp.path()),
-        &mut NoHooks,
-    )?;
+    let (status, env, _, _) = run_replies(&["All done, nothing to do."])?;
     assert_eq!(
         status,
         RunStatus::Finished {
@@ -329,14 +279,8 @@ fn the_wall_clock_limit_stops_the_run() -> Result<()> {
 
 #[test]
 fn the_same_action_on_an_unchanged_screen_is_a_loop() -> Result<()> {
-    let tmp = tempfile::tempdir()?;
     // Clicking the background changes nothing on screen.
-    let (status, env, _, t) = run_with(
-        virtual_profile()?,
-        &[CLICK_A, CLICK_A, CLICK_A, CLICK_A],
-        &options(tmp.path()),
-        &mut NoHooks,
-    )?;
+    let (status, env, _, t) = run_replies(&[CLICK_A, CLICK_A, CLICK_A, CLICK_A])?;
     assert_eq!(
         status,
         RunStatus::Looping {
@@ -350,14 +294,8 @@ fn the_same_action_on_an_unchanged_screen_is_a_loop() -> Result<()> {
         Decision::Skipped { .. }
     ));
     // Clicking a field changes the screen each time (focus, shade): no loop.
-    let tmp = tempfile::tempdir()?;
     let field = "*FUNCTION*: Click *ARGS*: {\"point\": (500,200)}";
-    let (status, env, _, _) = run_with(
-        virtual_profile()?,
-        &[field, field, field, field],
-        &options(tmp.path()),
-        &mut NoHooks,
-    )?;
+    let (status, env, _, _) = run_replies(&[field, field, field, field])?;
     assert!(
         matches!(status, RunStatus::RepliesExhausted { .. }),
         "{status:?}"
@@ -368,19 +306,13 @@ fn the_same_action_on_an_unchanged_screen_is_a_loop() -> Result<()> {
 
 #[test]
 fn consecutive_errors_are_reported_back_then_stop_the_run() -> Result<()> {
-    let tmp = tempfile::tempdir()?;
     let bad = "*FUNCTION*: Fly *ARGS*: {\"to\": \"moon\"}";
-    let (status, env, prompts, t) = run_with(
-        virtual_profile()?,
-        &[
-            bad,
-            "*FUNCTION*: Click *ARGS*: {\"point\": (5000,1)}",
-            bad,
-            bad,
-        ],
-        &options(tmp.path()),
-        &mut NoHooks,
-    )?;
+    let (status, env, prompts, t) = run_replies(&[
+        bad,
+        "*FUNCTION*: Click *ARGS*: {\"point\": (5000,1)}",
+        bad,
+        bad,
+    ])?;
     assert!(
         matches!(status, RunStatus::TooManyErrors { errors: 3, .. }),
         "{status:?}"
@@ -401,14 +333,8 @@ fn consecutive_errors_are_reported_back_then_stop_the_run() -> Result<()> {
     );
     assert!(t.steps.iter().all(|s| !s.errors.is_empty()));
     // An action that fails on screen counts too, and a success resets the count.
-    let tmp = tempfile::tempdir()?;
     let typed = "*FUNCTION*: Type *ARGS*: {\"text\": \"x\"}";
-    let (status, _, prompts, _) = run_with(
-        virtual_profile()?,
-        &[typed, CLICK_A, typed, bad, typed],
-        &options(tmp.path()),
-        &mut NoHooks,
-    )?;
+    let (status, _, prompts, _) = run_replies(&[typed, CLICK_A, typed, bad, typed])?;
     assert!(
         matches!(status, RunStatus::TooManyErrors { errors: 3, .. }),
         "{status:?}"
@@ -423,14 +349,8 @@ fn consecutive_errors_are_reported_back_then_stop_the_run() -> Result<()> {
 
 #[test]
 fn call_user_needs_the_user_or_asks_and_continues() -> Result<()> {
-    let tmp = tempfile::tempdir()?;
     let ask = "*FUNCTION*: CallUser *ARGS*: {\"question\": \"Which name?\"}";
-    let (status, _, _, _) = run_with(
-        virtual_profile()?,
-        &[ask],
-        &options(tmp.path()),
-        &mut NoHooks,
-    )?;
+    let (status, _, _, _) = run_replies(&[ask])?;
     assert_eq!(
         status,
         RunStatus::NeedsUser {
@@ -470,13 +390,7 @@ fn call_user_needs_the_user_or_asks_and_continues() -> Result<()> {
 
 #[test]
 fn running_out_of_replies_has_its_own_status() -> Result<()> {
-    let tmp = tempfile::tempdir()?;
-    let (status, _, _, t) = run_with(
-        virtual_profile()?,
-        &[CLICK_A],
-        &options(tmp.path()),
-        &mut NoHooks,
-    )?;
+    let (status, _, _, t) = run_replies(&[CLICK_A])?;
     assert!(
         matches!(&status, RunStatus::RepliesExhausted { message } if message.contains("no reply left for step 2")),
         "{status:?}"
@@ -614,14 +528,8 @@ fn safety_rules_deny_and_confirm() -> Result<()> {
             .contains("DoubleClick was not performed: the profile denies double_click")
     );
     // A function the profile does not list is refused too (virtual has no RightClick).
-    let tmp2 = tempfile::tempdir()?;
     let right = "*FUNCTION*: RightClick *ARGS*: {\"point\": (500,200)}";
-    let (_, env2, prompts2, _) = run_with(
-        virtual_profile()?,
-        &[right],
-        &options(tmp2.path()),
-        &mut NoHooks,
-    )?;
+    let (_, env2, prompts2, _) = run_replies(&[right])?;
     assert!(env2.actions.is_empty());
     assert!(
         flatten(&prompts2[1])[2].1.contains(

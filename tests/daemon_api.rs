@@ -6,24 +6,22 @@
 //! clients are cut off by the daemon's time limits, and a client that goes away (or a generation
 //! past its limit) frees the engine at once.
 
-use std::io::{BufRead, BufReader};
+#[path = "support/task_daemon.rs"]
+mod task_daemon;
+
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use base64::Engine as _;
 use serde_json::{Value, json};
+use task_daemon::{Daemon, root, tiny_a};
 use vlad::engine::{GenerationOptions, LoadOptions, Prompt, Qwen2Vl};
 use vlad::model::{Model, OpenAiConfig, OpenAiModel};
 
 const CASE: &str = "image_333x217_tiny-a";
 const MAX_TOKENS: usize = 12;
-
-fn root() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
 
 fn fixtures() -> PathBuf {
     root().join("tests/fixtures/engine")
@@ -62,148 +60,23 @@ fn image_data_url() -> Result<String> {
     ))
 }
 
-/// A running `vlad serve`, killed on drop.
-struct Daemon {
-    child: Child,
-    url: String,
-    token: Option<String>,
-    dir: tempfile::TempDir,
-}
-
-impl Daemon {
-    /// Starts `vlad serve --listen 127.0.0.1:0 …` and waits for its "listening on" line.
-    fn start(model: &Path, extra: &[&str]) -> Result<Self> {
-        let dir = tempfile::tempdir()?;
-        let token_file = dir.path().join("state/token");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_vlad"));
-        cmd.args([
-            "serve",
-            "--dtype",
-            "f32",
-            "--listen",
-            "127.0.0.1:0",
-            "--model",
-        ])
-        .arg(model)
-        .arg("--data-dir")
-        .arg(dir.path().join("data"))
-        .args(extra)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-        let no_auth = extra.contains(&"--no-auth");
-        if !no_auth {
-            cmd.arg("--token-file").arg(&token_file);
-        }
-        let mut child = cmd.spawn().context("cannot start vlad serve")?;
-        let stderr = child.stderr.take().context("no stderr")?;
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(|l| l.ok()) {
-                eprintln!("[daemon] {line}");
-                if let Some(url) = line.strip_prefix("vlad serve: listening on ") {
-                    let _ = tx.send(url.to_string());
-                }
-            }
-        });
-        let url = match rx.recv_timeout(Duration::from_secs(120)) {
-            Ok(u) => u,
-            Err(_) => {
-                let _ = child.kill();
-                bail!("vlad serve did not report its address within 120 s");
-            }
-        };
-        let token = if no_auth {
-            None
-        } else {
-            Some(std::fs::read_to_string(&token_file)?.trim().to_string())
-        };
-        Ok(Self {
-            child,
-            url,
-            token,
-            dir,
-        })
-    }
-
-    fn token_file(&self) -> PathBuf {
-        self.dir.path().join("state/token")
-    }
-
-    /// One HTTP request; returns the status and the body parsed as JSON.
-    fn request(
-        &self,
-        method: &str,
-        path: &str,
-        body: Option<&str>,
-        token: Option<&str>,
-    ) -> Result<(u16, Value)> {
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .timeout_global(Some(Duration::from_secs(120)))
-            .build()
-            .into();
-        let url = format!("{}{path}", self.url);
-        let auth = token.map(|t| format!("Bearer {t}"));
-        let mut response = match (method, body) {
-            ("GET", _) => {
-                let mut r = agent.get(&url);
-                if let Some(a) = &auth {
-                    r = r.header("Authorization", a);
-                }
-                r.call()?
-            }
-            ("POST", body) => {
-                let mut r = agent.post(&url).header("Content-Type", "application/json");
-                if let Some(a) = &auth {
-                    r = r.header("Authorization", a);
-                }
-                r.send(body.unwrap_or(""))?
-            }
-            _ => bail!("unsupported method {method}"),
-        };
-        let status = response.status().as_u16();
-        let text = response.body_mut().read_to_string()?;
-        let value = serde_json::from_str(&text).with_context(|| {
-            format!("{method} {path}: HTTP {status} body is not JSON: {text:?}")
-        })?;
-        Ok((status, value))
-    }
-
-    /// Stops the daemon with SIGTERM and returns its exit status within `limit`.
-    fn terminate(mut self, limit: Duration) -> Result<std::process::ExitStatus> {
-        let status = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()?;
-        if !status.success() {
-            bail!("kill -TERM failed");
-        }
-        let start = Instant::now();
-        while start.elapsed() < limit {
-            if let Some(s) = self.child.try_wait()? {
-                return Ok(s);
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        bail!("vlad serve did not stop within {limit:?} of SIGTERM")
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn tiny_a() -> PathBuf {
-    fixtures().join("tiny-a")
+/// `vlad serve --model MODEL EXTRA…` with its data dir and token file in a temporary folder
+/// (removed when dropped).
+fn serve(model: &Path, extra: &[&str]) -> Result<(tempfile::TempDir, Daemon)> {
+    let dir = tempfile::tempdir()?;
+    let daemon = Daemon::start(
+        model,
+        &dir.path().join("data"),
+        &dir.path().join("state/token"),
+        extra,
+    )?;
+    Ok((dir, daemon))
 }
 
 #[test]
 fn vlads_own_openai_backend_gets_the_engines_greedy_text_for_an_image() -> Result<()> {
     let expected = in_process_text()?;
-    let daemon = Daemon::start(&tiny_a(), &[])?;
+    let (_dir, daemon) = serve(&tiny_a(), &[])?;
     let c = case()?;
     let prompt = Prompt::from_json_messages(&c["messages"], &fixtures())?;
     let mut config = OpenAiConfig::new(format!("{}/v1", daemon.url), "tiny-a");
@@ -290,7 +163,7 @@ print(json.dumps(out))
 fn official_openai_python_client_streams_and_not_with_an_image() -> Result<()> {
     let python = openai_python()?;
     let expected = in_process_text()?;
-    let daemon = Daemon::start(&tiny_a(), &[])?;
+    let (_dir, daemon) = serve(&tiny_a(), &[])?;
     let output = Command::new(python)
         .args(["-c", PYTHON_CLIENT])
         .arg(format!("{}/v1", daemon.url))
@@ -324,13 +197,13 @@ fn official_openai_python_client_streams_and_not_with_an_image() -> Result<()> {
 
 #[test]
 fn requests_without_the_token_get_401_and_the_token_file_is_private() -> Result<()> {
-    let daemon = Daemon::start(&tiny_a(), &[])?;
+    let (_dir, daemon) = serve(&tiny_a(), &[])?;
     let token = daemon.token.clone().context("token")?;
     assert_eq!(token.len(), 64);
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(daemon.token_file())?.permissions().mode() & 0o777;
+        let mode = std::fs::metadata(&daemon.token_file)?.permissions().mode() & 0o777;
         assert_eq!(mode, 0o600, "token file mode {mode:o}");
     }
     let chat = json!({"model": "tiny-a", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}).to_string();
@@ -339,27 +212,27 @@ fn requests_without_the_token_get_401_and_the_token_file_is_private() -> Result<
         ("/v1/chat/completions", Some(chat.as_str())),
     ] {
         let method = if body.is_some() { "POST" } else { "GET" };
-        let (status, value) = daemon.request(method, path, body, None)?;
+        let (status, value) = daemon.request_as(method, path, body, None)?;
         assert_eq!(status, 401, "{path} without a token: {value}");
         assert!(
             value["error"]["message"]
                 .as_str()
                 .is_some_and(|m| m.contains("Bearer"))
         );
-        let (status, _) = daemon.request(method, path, body, Some("wrong"))?;
+        let (status, _) = daemon.request_as(method, path, body, Some("wrong"))?;
         assert_eq!(status, 401, "{path} with a wrong token");
-        let (status, value) = daemon.request(method, path, body, Some(&token))?;
+        let (status, value) = daemon.request_as(method, path, body, Some(&token))?;
         assert_eq!(status, 200, "{path} with the token: {value}");
     }
     // A restart reads the same token back.
-    let dir_token = std::fs::read_to_string(daemon.token_file())?;
+    let dir_token = std::fs::read_to_string(&daemon.token_file)?;
     assert_eq!(dir_token.trim(), token);
     Ok(())
 }
 
 #[test]
 fn malformed_requests_get_json_4xx_and_the_daemon_keeps_serving() -> Result<()> {
-    let daemon = Daemon::start(&tiny_a(), &["--no-auth", "--max-body-mb", "1"])?;
+    let (_dir, mut daemon) = serve(&tiny_a(), &["--no-auth", "--max-body-mb", "1"])?;
     let msg = |content: Value| json!({"model": "tiny-a", "messages": [{"role": "user", "content": content}]});
     let img = |url: &str| {
         msg(
@@ -395,27 +268,26 @@ fn malformed_requests_get_json_4xx_and_the_daemon_keeps_serving() -> Result<()> 
         cases.extend(base.iter().filter(|c| c.2 != 413).cloned());
     }
     for (name, body, want) in &cases {
-        let (status, value) = daemon.request("POST", "/v1/chat/completions", Some(body), None)?;
+        let (status, value) = daemon.request("POST", "/v1/chat/completions", Some(body))?;
         assert_eq!(status, *want, "{name}: {value}");
         let message = value["error"]["message"].as_str().unwrap_or_default();
         assert!(!message.is_empty(), "{name}: no error message in {value}");
     }
-    let (status, value) = daemon.request("GET", "/v1/nowhere", None, None)?;
+    let (status, value) = daemon.request("GET", "/v1/nowhere", None)?;
     assert_eq!(status, 404, "{value}");
-    let (status, value) = daemon.request("GET", "/v1/chat/completions", None, None)?;
+    let (status, value) = daemon.request("GET", "/v1/chat/completions", None)?;
     assert_eq!(status, 405, "{value}");
     assert!(value["error"]["message"].is_string());
     // Still serving: a real completion with an image.
     let mut ok = img(&image_data_url()?);
     ok["max_tokens"] = json!(3);
     ok["temperature"] = json!(0);
-    let (status, value) =
-        daemon.request("POST", "/v1/chat/completions", Some(&ok.to_string()), None)?;
+    let (status, value) = daemon.request("POST", "/v1/chat/completions", Some(&ok.to_string()))?;
     assert_eq!(status, 200, "{value}");
     assert_eq!(value["usage"]["completion_tokens"], 3);
     assert_eq!(value["choices"][0]["finish_reason"], "length");
     // And it stops cleanly on SIGTERM.
-    let exit = daemon.terminate(Duration::from_secs(10))?;
+    let exit = daemon.stop("TERM", Duration::from_secs(10))?;
     assert!(exit.success(), "exit status {exit:?}");
     Ok(())
 }
@@ -423,18 +295,14 @@ fn malformed_requests_get_json_4xx_and_the_daemon_keeps_serving() -> Result<()> 
 #[test]
 fn local_image_paths_work_only_when_allowed_and_give_the_same_text() -> Result<()> {
     let expected = in_process_text()?;
-    let daemon = Daemon::start(&tiny_a(), &["--no-auth", "--allow-local-files"])?;
+    let (_dir, daemon) = serve(&tiny_a(), &["--no-auth", "--allow-local-files"])?;
     let path = fixtures().join("media/img_333x217.png");
     let body = json!({"model": "tiny-a", "max_tokens": MAX_TOKENS, "temperature": 0, "messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": format!("file://{}", path.display())}},
         {"type": "text", "text": "Describe this image."},
     ]}]});
-    let (status, value) = daemon.request(
-        "POST",
-        "/v1/chat/completions",
-        Some(&body.to_string()),
-        None,
-    )?;
+    let (status, value) =
+        daemon.request("POST", "/v1/chat/completions", Some(&body.to_string()))?;
     assert_eq!(status, 200, "{value}");
     assert_eq!(value["choices"][0]["message"]["content"], json!(expected));
     Ok(())
@@ -442,10 +310,10 @@ fn local_image_paths_work_only_when_allowed_and_give_the_same_text() -> Result<(
 
 #[test]
 fn a_model_that_fails_to_load_gives_503() -> Result<()> {
-    let dir = tempfile::tempdir()?;
-    let daemon = Daemon::start(dir.path(), &["--no-auth", "--served-model-name", "m"])?;
+    let model = tempfile::tempdir()?;
+    let (_dir, daemon) = serve(model.path(), &["--no-auth", "--served-model-name", "m"])?;
     let body = json!({"model": "m", "messages": [{"role": "user", "content": "x"}]}).to_string();
-    let (status, value) = daemon.request("POST", "/v1/chat/completions", Some(&body), None)?;
+    let (status, value) = daemon.request("POST", "/v1/chat/completions", Some(&body))?;
     assert_eq!(status, 503, "{value}");
     assert!(
         value["error"]["message"]
@@ -459,7 +327,7 @@ fn a_model_that_fails_to_load_gives_503() -> Result<()> {
 #[test]
 fn idle_and_slow_clients_are_cut_off_and_the_daemon_keeps_serving() -> Result<()> {
     use std::io::{Read, Write};
-    let daemon = Daemon::start(
+    let (_dir, daemon) = serve(
         &tiny_a(),
         &[
             "--no-auth",
@@ -519,7 +387,7 @@ fn idle_and_slow_clients_are_cut_off_and_the_daemon_keeps_serving() -> Result<()
         start.elapsed()
     );
     // Still serving.
-    let (status, _) = daemon.request("GET", "/health", None, None)?;
+    let (status, _) = daemon.request("GET", "/health", None)?;
     assert_eq!(status, 200);
     Ok(())
 }
@@ -535,12 +403,8 @@ fn long_chat(max_tokens: usize, stream: bool) -> String {
 /// Seconds a 3-token completion takes: long when the engine is still busy with another.
 fn quick_completion_s(daemon: &Daemon) -> Result<f64> {
     let start = Instant::now();
-    let (status, value) = daemon.request(
-        "POST",
-        "/v1/chat/completions",
-        Some(&long_chat(3, false)),
-        None,
-    )?;
+    let (status, value) =
+        daemon.request("POST", "/v1/chat/completions", Some(&long_chat(3, false)))?;
     assert_eq!(status, 200, "{value}");
     Ok(start.elapsed().as_secs_f64())
 }
@@ -548,7 +412,7 @@ fn quick_completion_s(daemon: &Daemon) -> Result<f64> {
 #[test]
 fn a_client_that_goes_away_or_runs_past_the_generation_limit_stops_the_model() -> Result<()> {
     use std::io::{Read, Write};
-    let daemon = Daemon::start(&tiny_a(), &["--no-auth", "--generation-timeout-s", "3"])?;
+    let (_dir, daemon) = serve(&tiny_a(), &["--no-auth", "--generation-timeout-s", "3"])?;
     let addr = daemon.url.trim_start_matches("http://").to_string();
     // A streaming client reads the first chunks and hangs up.
     let body = long_chat(20_000, true);
@@ -589,7 +453,6 @@ fn a_client_that_goes_away_or_runs_past_the_generation_limit_stops_the_model() -
         "POST",
         "/v1/chat/completions",
         Some(&long_chat(20_000, false)),
-        None,
     )?;
     assert_eq!(status, 504, "{value}");
     assert!(

@@ -2,68 +2,24 @@
 //! probe that records what it receives, zenity's GTK entry), real xcap screenshots and real
 //! enigo input. The apps' own records are the truth the tests check against.
 
+#[path = "support/tk_probe.rs"]
+mod tk_probe;
 #[path = "support/xvfb.rs"]
 mod xvfb;
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::MutexGuard;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use tk_probe::{start_settled_probe, wait_state};
 use vlad::action::{Action, ScrollDirection};
 use vlad::environment::desktop::{self, DesktopEnvironment, DesktopError, DesktopTarget};
 use vlad::environment::{Environment, Outcome};
-use xvfb::{Xvfb, python, read_json, serial};
+use xvfb::{Xvfb, read_json, serial};
 
 const SWATCH: [u8; 3] = [0x12, 0xab, 0x34];
-
-/// Starts the Tk probe and waits until it is mapped and stopped moving (openbox placement).
-fn start_probe(x: &mut Xvfb, geometry: Option<&str>) -> PathBuf {
-    let state = x.path("probe.json");
-    let mut cmd = x.command(python());
-    cmd.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/desktop_apps/tk_probe.py"))
-        .arg(&state);
-    if let Some(g) = geometry {
-        cmd.arg(g);
-    }
-    x.spawn(cmd);
-    let mut last = None;
-    let start = Instant::now();
-    loop {
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "the Tk probe never showed up"
-        );
-        std::thread::sleep(Duration::from_millis(150));
-        let Some(s) = read_json(&state) else { continue };
-        if s["mapped"] != true || s["swatch"]["width"] != 200 {
-            continue;
-        }
-        let geo = (s["swatch"].clone(), s["list"].clone());
-        if last.as_ref() == Some(&geo) {
-            break;
-        }
-        last = Some(geo);
-    }
-    state
-}
-
-fn wait_state(path: &Path, what: &str, ok: impl Fn(&Value) -> bool) -> Value {
-    let start = Instant::now();
-    loop {
-        if let Some(s) = read_json(path)
-            && ok(&s)
-        {
-            return s;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "timed out waiting for {what}; app state: {:?}",
-            read_json(path)
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
 
 fn state(path: &Path) -> Value {
     read_json(path).unwrap_or(Value::Null)
@@ -94,13 +50,44 @@ fn primary() -> DesktopEnvironment {
     DesktopEnvironment::open(DesktopTarget::Primary).unwrap_or_else(|e| panic!("open: {e}"))
 }
 
+/// A 1600x900 desktop of this test's own with the probe settled on it, and the primary monitor
+/// opened and observed once; also the lock and the server, held as long as the test runs.
+fn probe_on_primary() -> (MutexGuard<'static, ()>, Xvfb, PathBuf, DesktopEnvironment) {
+    let guard = serial();
+    let mut x = Xvfb::with_wm(1600, 900);
+    x.use_here();
+    let probe = start_settled_probe(&mut x, None);
+    let mut env = primary();
+    env.observe().unwrap_or_else(|e| panic!("observe: {e}"));
+    (guard, x, probe, env)
+}
+
+/// The last mouse button event the probe saw (null when none).
+fn last_button(s: &Value) -> Value {
+    s["buttons"]
+        .as_array()
+        .and_then(|a| a.last())
+        .cloned()
+        .unwrap_or_default()
+}
+
+fn key(keys: &[&str]) -> Action {
+    Action::Key {
+        keys: keys.iter().map(|k| k.to_string()).collect(),
+    }
+}
+
+fn type_text(text: &str) -> Action {
+    Action::Type { text: text.into() }
+}
+
 #[test]
 fn screenshot_pixels_match_what_the_root_and_the_app_drew() {
     let _g = serial();
     let mut x = Xvfb::with_wm(1600, 900);
     x.use_here();
     x.run("xsetroot", &["-solid", "#336699"]);
-    let probe = start_probe(&mut x, None);
+    let probe = start_settled_probe(&mut x, None);
     let s = state(&probe);
 
     let mut env = primary();
@@ -130,18 +117,13 @@ fn screenshot_pixels_match_what_the_root_and_the_app_drew() {
 
 #[test]
 fn clicks_land_on_the_widget_aimed_at() {
-    let _g = serial();
-    let mut x = Xvfb::with_wm(1600, 900);
-    x.use_here();
-    let probe = start_probe(&mut x, None);
+    let (_g, _x, probe, mut env) = probe_on_primary();
     let s = state(&probe);
-    let mut env = primary();
-    env.observe().unwrap_or_else(|e| panic!("observe: {e}"));
 
     let (bx, by) = centre(&s, "button");
     perform(&mut env, Action::Click { x: bx, y: by });
     let s = wait_state(&probe, "one press", |s| s["presses"] == 1);
-    let last = &s["buttons"][s["buttons"].as_array().map_or(0, |a| a.len()) - 1];
+    let last = last_button(&s);
     assert_eq!((int(&last["x_root"]), int(&last["y_root"])), (bx, by));
     assert_eq!(last["num"], 1);
 
@@ -150,17 +132,8 @@ fn clicks_land_on_the_widget_aimed_at() {
 
     let (lx, ly) = centre(&s, "list");
     perform(&mut env, Action::RightClick { x: lx, y: ly });
-    let s = wait_state(&probe, "a right click", |s| {
-        s["buttons"]
-            .as_array()
-            .and_then(|a| a.last())
-            .is_some_and(|b| b["num"] == 3)
-    });
-    let b = s["buttons"]
-        .as_array()
-        .and_then(|a| a.last())
-        .cloned()
-        .unwrap_or_default();
+    let s = wait_state(&probe, "a right click", |s| last_button(s)["num"] == 3);
+    let b = last_button(&s);
     assert_eq!((int(&b["x_root"]), int(&b["y_root"])), (lx, ly));
     assert_eq!(
         state(&probe)["presses"],
@@ -175,65 +148,33 @@ fn clicks_land_on_the_widget_aimed_at() {
 
 #[test]
 fn unicode_text_and_key_combos_reach_a_tk_entry() {
-    let _g = serial();
-    let mut x = Xvfb::with_wm(1600, 900);
-    x.use_here();
-    let probe = start_probe(&mut x, None);
+    let (_g, _x, probe, mut env) = probe_on_primary();
     let s = state(&probe);
-    let mut env = primary();
-    env.observe().unwrap_or_else(|e| panic!("observe: {e}"));
 
     let (ex, ey) = centre(&s, "entry");
     perform(&mut env, Action::Click { x: ex, y: ey });
     wait_state(&probe, "focus on the entry", |s| {
         s["focus"].as_str().is_some_and(|f| f.contains("entry"))
     });
-    perform(
-        &mut env,
-        Action::Type {
-            text: "héllo 世界".into(),
-        },
-    );
+    perform(&mut env, type_text("héllo 世界"));
     wait_state(&probe, "the typed text", |s| s["text"] == "héllo 世界");
     // Tk's Entry: ctrl+a goes to the line start (emacs binding); then one more character.
-    perform(
-        &mut env,
-        Action::Key {
-            keys: vec!["ctrl".into(), "a".into()],
-        },
-    );
-    perform(&mut env, Action::Type { text: ">".into() });
+    perform(&mut env, key(&["ctrl", "a"]));
+    perform(&mut env, type_text(">"));
     wait_state(&probe, "text after ctrl+a", |s| s["text"] == ">héllo 世界");
-    perform(
-        &mut env,
-        Action::Key {
-            keys: vec!["end".into()],
-        },
-    );
-    perform(
-        &mut env,
-        Action::Key {
-            keys: vec!["backspace".into()],
-        },
-    );
+    perform(&mut env, key(&["end"]));
+    perform(&mut env, key(&["backspace"]));
     wait_state(&probe, "text after end, backspace", |s| {
         s["text"] == ">héllo 世"
     });
-    perform(
-        &mut env,
-        Action::Key {
-            keys: vec!["shift+home".into()],
-        },
-    );
-    perform(&mut env, Action::Type { text: "ok".into() });
+    perform(&mut env, key(&["shift+home"]));
+    perform(&mut env, type_text("ok"));
     wait_state(&probe, "selection replaced", |s| s["text"] == "ok");
 
     // An unknown key name fails the action and presses nothing.
-    let outcome = env.perform(&Action::Key {
-        keys: vec!["ctrl".into(), "hyper".into()],
-    });
+    let outcome = env.perform(&key(&["ctrl", "hyper"]));
     assert!(matches!(outcome, Ok(Outcome::Failed { .. })), "{outcome:?}");
-    perform(&mut env, Action::Type { text: "!".into() });
+    perform(&mut env, type_text("!"));
     wait_state(&probe, "no modifier left pressed", |s| s["text"] == "ok!");
 }
 
@@ -278,18 +219,8 @@ fn ctrl_a_then_typing_replaces_the_text_of_a_gtk_entry() {
         (obs.width(), obs.height()),
         (window.physical.width, window.physical.height)
     );
-    perform(
-        &mut env,
-        Action::Key {
-            keys: vec!["ctrl+a".into()],
-        },
-    );
-    perform(
-        &mut env,
-        Action::Type {
-            text: "héllo 世界".into(),
-        },
-    );
+    perform(&mut env, key(&["ctrl+a"]));
+    perform(&mut env, type_text("héllo 世界"));
     perform(&mut env, Action::Enter);
     let start = Instant::now();
     while zenity.try_wait().ok().flatten().is_none() {
@@ -308,14 +239,9 @@ fn ctrl_a_then_typing_replaces_the_text_of_a_gtk_entry() {
 
 #[test]
 fn a_drag_moves_the_slider() {
-    let _g = serial();
-    let mut x = Xvfb::with_wm(1600, 900);
-    x.use_here();
-    let probe = start_probe(&mut x, None);
+    let (_g, _x, probe, mut env) = probe_on_primary();
     let s = state(&probe);
     assert_eq!(s["slider"], 0);
-    let mut env = primary();
-    env.observe().unwrap_or_else(|e| panic!("observe: {e}"));
     let (kx, ky) = (int(&s["slider_knob"][0]), int(&s["slider_knob"][1]));
     perform(
         &mut env,
@@ -336,14 +262,9 @@ fn a_drag_moves_the_slider() {
 
 #[test]
 fn scrolling_scrolls_the_list_both_ways() {
-    let _g = serial();
-    let mut x = Xvfb::with_wm(1600, 900);
-    x.use_here();
-    let probe = start_probe(&mut x, None);
+    let (_g, _x, probe, mut env) = probe_on_primary();
     let s = state(&probe);
     assert_eq!(s["list_top"], 0);
-    let mut env = primary();
-    env.observe().unwrap_or_else(|e| panic!("observe: {e}"));
     let (lx, ly) = centre(&s, "list");
     let scroll = |direction, amount| Action::Scroll {
         x: lx,
@@ -387,7 +308,7 @@ fn a_monitor_with_an_origin_and_a_reported_scale_maps_clicks_exactly_once() {
     let resources = x.path("resources");
     std::fs::write(&resources, "Xft.dpi: 192\n").unwrap_or_else(|e| panic!("{e}"));
     x.run("xrdb", &["-merge", &resources.to_string_lossy()]);
-    let probe = start_probe(&mut x, Some("+1000+150"));
+    let probe = start_settled_probe(&mut x, Some("+1000+150"));
     let s = state(&probe);
     assert!(
         int(&s["swatch"]["x"]) >= 800,
@@ -427,11 +348,7 @@ fn a_monitor_with_an_origin_and_a_reported_scale_maps_clicks_exactly_once() {
     let s = wait_state(&probe, "the press on the right monitor", |s| {
         s["presses"] == 1
     });
-    let b = s["buttons"]
-        .as_array()
-        .and_then(|a| a.last())
-        .cloned()
-        .unwrap_or_default();
+    let b = last_button(&s);
     assert_eq!((int(&b["x_root"]), int(&b["y_root"])), (bx, by));
 
     // The self-test agrees: no offset, scale 1, although the system reports 2.
@@ -448,7 +365,7 @@ fn a_window_target_captures_the_window_and_clicks_in_its_pixels() {
     let _g = serial();
     let mut x = Xvfb::with_wm(1280, 1024);
     x.use_here();
-    let probe = start_probe(&mut x, Some("+300+200"));
+    let probe = start_settled_probe(&mut x, Some("+300+200"));
     let s = state(&probe);
     let windows = desktop::windows().unwrap_or_else(|e| panic!("windows: {e}"));
     let w = windows

@@ -1,15 +1,16 @@
 //! `vlad devices`, `vlad screenshot`, `vlad do` and `vlad calibrate` as a user runs them, against
 //! a private Xvfb + openbox and a real Tk app that records what it receives.
 
+#[path = "support/tk_probe.rs"]
+mod tk_probe;
 #[path = "support/xvfb.rs"]
 mod xvfb;
 
-use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use xvfb::{Xvfb, python, read_json};
+use tk_probe::{start_probe, wait_state};
+use xvfb::{Xvfb, read_json};
 
 fn vlad(x: &Xvfb, args: &[&str]) -> Output {
     let mut cmd = x.command(env!("CARGO_BIN_EXE_vlad"));
@@ -27,36 +28,6 @@ fn stdout_json(out: &Output) -> Value {
             String::from_utf8_lossy(&out.stderr)
         )
     })
-}
-
-fn start_probe(x: &mut Xvfb) -> PathBuf {
-    let state = x.path("probe.json");
-    let mut cmd = x.command(python());
-    cmd.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/desktop_apps/tk_probe.py"))
-        .arg(&state)
-        .arg("+200+100");
-    x.spawn(cmd);
-    wait_state(&state, "the probe", |s| {
-        s["mapped"] == true && s["swatch"]["width"] == 200
-    });
-    std::thread::sleep(Duration::from_millis(300));
-    state
-}
-
-fn wait_state(path: &Path, what: &str, ok: impl Fn(&Value) -> bool) -> Value {
-    let start = Instant::now();
-    loop {
-        if let Some(s) = read_json(path)
-            && ok(&s)
-        {
-            return s;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "timed out waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 fn int(v: &Value) -> i32 {

@@ -2,14 +2,16 @@
 //! image pixels (plain and `--json`), `--annotate` drawing them in the marker colours (checked
 //! pixel by pixel against the input image), and replies without a box failing with the reply.
 
+#[path = "support/cli.rs"]
+mod cli;
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::Output;
 
 use anyhow::Result;
+use cli::{replies_file, text, vlad};
 use image::{Rgb, RgbImage};
 use vlad::report::annotate::{BOX_COLOR, POINT_COLOR};
-
-const VLAD: &str = env!("CARGO_BIN_EXE_vlad");
 
 /// A 400x300 screen with a green 120x50 button at (140, 200).
 fn screen(dir: &Path) -> Result<PathBuf> {
@@ -24,25 +26,19 @@ fn screen(dir: &Path) -> Result<PathBuf> {
     Ok(path)
 }
 
-fn replies(dir: &Path, reply: &str) -> Result<PathBuf> {
-    let path = dir.join("replies.jsonl");
-    std::fs::write(
-        &path,
-        format!("{}\n", serde_json::json!({ "reply": reply })),
-    )?;
-    Ok(path)
-}
-
-fn ground(args: &[&str]) -> Result<Output> {
-    Ok(Command::new(VLAD)
-        .arg("ground")
-        .args(args)
-        .stdin(Stdio::null())
-        .output()?)
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
+/// `vlad ground IMAGE DESCRIPTION --backend replay --replies REPLIES EXTRA…`.
+fn ground(image: &Path, description: &str, replies: &Path, extra: &[&str]) -> Result<Output> {
+    let mut args = vec![
+        "ground",
+        image.to_str().unwrap_or_default(),
+        description,
+        "--backend",
+        "replay",
+        "--replies",
+        replies.to_str().unwrap_or_default(),
+    ];
+    args.extend_from_slice(extra);
+    vlad(&args)
 }
 
 // The button in 0-1000 of a 400x300 image: (140,200)-(260,250) -> (350,667)-(650,833).
@@ -52,19 +48,18 @@ const REPLY: &str = "<|object_ref_start|>the green button<|object_ref_end|><|box
 fn prints_the_box_and_point_and_draws_them() -> Result<()> {
     let tmp = tempfile::tempdir()?;
     let image = screen(tmp.path())?;
-    let replies = replies(tmp.path(), REPLY)?;
+    let replies = replies_file(tmp.path(), &[REPLY])?;
     let annotated = tmp.path().join("annotated.png");
-    let out = ground(&[
-        image.to_str().unwrap_or_default(),
+    let out = ground(
+        &image,
         "the green button",
-        "--backend",
-        "replay",
-        "--replies",
-        replies.to_str().unwrap_or_default(),
-        "--json",
-        "--annotate",
-        annotated.to_str().unwrap_or_default(),
-    ])?;
+        &replies,
+        &[
+            "--json",
+            "--annotate",
+            annotated.to_str().unwrap_or_default(),
+        ],
+    )?;
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
     assert_eq!(v["box"], serde_json::json!([140, 200, 260, 250]), "{v}");
@@ -96,15 +91,7 @@ fn prints_the_box_and_point_and_draws_them() -> Result<()> {
     assert!(changed > 500, "only {changed} pixels drawn");
 
     // Without --json: the same numbers for people.
-    let replies = self::replies(tmp.path(), REPLY)?;
-    let out = ground(&[
-        image.to_str().unwrap_or_default(),
-        "the green button",
-        "--backend",
-        "replay",
-        "--replies",
-        replies.to_str().unwrap_or_default(),
-    ])?;
+    let out = ground(&image, "the green button", &replies, &[])?;
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     assert_eq!(
         text(&out.stdout),
@@ -117,18 +104,14 @@ fn prints_the_box_and_point_and_draws_them() -> Result<()> {
 fn replies_without_a_box_and_bad_images_are_errors() -> Result<()> {
     let tmp = tempfile::tempdir()?;
     let image = screen(tmp.path())?;
-    let replies = replies(tmp.path(), "There is no such button.")?;
+    let replies = replies_file(tmp.path(), &["There is no such button."])?;
     let annotated = tmp.path().join("annotated.png");
-    let out = ground(&[
-        image.to_str().unwrap_or_default(),
+    let out = ground(
+        &image,
         "the red button",
-        "--backend",
-        "replay",
-        "--replies",
-        replies.to_str().unwrap_or_default(),
-        "--annotate",
-        annotated.to_str().unwrap_or_default(),
-    ])?;
+        &replies,
+        &["--annotate", annotated.to_str().unwrap_or_default()],
+    )?;
     assert_eq!(out.status.code(), Some(1));
     let stderr = text(&out.stderr);
     assert!(
@@ -138,14 +121,7 @@ fn replies_without_a_box_and_bad_images_are_errors() -> Result<()> {
     assert!(!annotated.exists(), "nothing is drawn without a box");
 
     let missing = tmp.path().join("missing.png");
-    let out = ground(&[
-        missing.to_str().unwrap_or_default(),
-        "x",
-        "--backend",
-        "replay",
-        "--replies",
-        replies.to_str().unwrap_or_default(),
-    ])?;
+    let out = ground(&missing, "x", &replies, &[])?;
     assert_eq!(out.status.code(), Some(1));
     assert!(
         text(&out.stderr).contains("cannot read the image"),

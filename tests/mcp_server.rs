@@ -2,6 +2,8 @@
 //! `vlad mcp` over stdio, or connects to `/mcp` on a running `vlad serve` over streamable HTTP,
 //! and drives a private Xvfb + openbox desktop where a real Tk app records what it receives.
 
+#[path = "support/tk_probe.rs"]
+mod tk_probe;
 #[path = "support/xvfb.rs"]
 mod xvfb;
 
@@ -20,7 +22,8 @@ use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig
 use rmcp::transport::{StreamableHttpClientTransport, TokioChildProcess};
 use rmcp::{ClientHandler, RoleClient, ServiceExt};
 use serde_json::{Map, Value, json};
-use xvfb::{Xvfb, python, read_json};
+use tk_probe::{start_probe, wait_state};
+use xvfb::{Xvfb, read_json};
 
 const TOOLS: [&str; 9] = [
     "click",
@@ -187,37 +190,6 @@ fn check_tools(tools: &Map<String, Value>) {
         schema("click")["properties"]["button"]["enum"],
         json!(["left", "right"])
     );
-}
-
-fn start_probe(x: &mut Xvfb) -> PathBuf {
-    let state = x.path("probe.json");
-    let mut cmd = x.command(python());
-    cmd.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/desktop_apps/tk_probe.py"))
-        .arg(&state)
-        .arg("+200+100");
-    x.spawn(cmd);
-    wait_state(&state, "the probe", |s| {
-        s["mapped"] == true && s["swatch"]["width"] == 200
-    });
-    std::thread::sleep(Duration::from_millis(300));
-    state
-}
-
-fn wait_state(path: &Path, what: &str, ok: impl Fn(&Value) -> bool) -> Value {
-    let start = Instant::now();
-    loop {
-        if let Some(s) = read_json(path)
-            && ok(&s)
-        {
-            return s;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "timed out waiting for {what}; last state: {:?}",
-            read_json(path)
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 fn int(v: &Value) -> i64 {

@@ -5,24 +5,25 @@
 //! run still reaches its final answer. Also what the model is shown (system prompt, write-back),
 //! `vlad tools list|call`, MCP over streamable HTTP, and the shipped example plugins.
 
+#[path = "support/cli.rs"]
+mod cli;
+#[path = "support/recording.rs"]
+mod recording;
 #[path = "support/xvfb.rs"]
 mod xvfb;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use cli::{VLAD, replies_file, run_args, text, vlad, vlad_with_env, vlad_with_input};
+use recording::{Recording, all_text};
 use serde_json::{Value, json};
 use vlad::agent::{Agent, NoHooks, Profile, RunOptions, RunStatus, trajectory};
-use vlad::engine::{Content, GenerationOptions, Part, Prompt};
 use vlad::environment::Outcome;
-use vlad::model::{Completion, Model, ReplayModel};
 use vlad::tools::Plugins;
-
-const VLAD: &str = env!("CARGO_BIN_EXE_vlad");
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -61,29 +62,6 @@ fn mcp_manifest(dir: &Path) -> Result<PathBuf> {
     Ok(path)
 }
 
-fn replies_file(dir: &Path, replies: &[&str]) -> Result<PathBuf> {
-    let path = dir.join("replies.jsonl");
-    let text: String = replies
-        .iter()
-        .map(|r| format!("{}\n", json!({ "reply": r })))
-        .collect();
-    std::fs::write(&path, text)?;
-    Ok(path)
-}
-
-fn vlad(args: &[&str], envs: &[(&str, &Path)]) -> Result<Output> {
-    let mut cmd = Command::new(VLAD);
-    cmd.args(args).stdin(Stdio::null());
-    for (k, v) in envs {
-        cmd.env(k, v);
-    }
-    Ok(cmd.output()?)
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
 /// Is process `pid` gone (or a zombie nobody reaped yet)?
 fn gone(pid: &str) -> bool {
     let stat = std::fs::read_to_string(format!("/proc/{}/stat", pid.trim())).unwrap_or_default();
@@ -117,21 +95,14 @@ fn a_replayed_run_calls_plugins_and_every_failure_is_a_result() -> Result<()> {
     let pid_file = tmp.path().join("slow.pid");
     let profile = fixtures().join("agent.toml");
     let start = Instant::now();
-    let out = vlad(
-        &[
-            "run",
+    let out = vlad_with_env(
+        &run_args(
             "Try every tool",
-            "--agent",
             profile.to_str().context("path")?,
-            "--tools",
-            tmp.path().to_str().context("path")?,
-            "--backend",
-            "replay",
-            "--replies",
-            replies.to_str().context("path")?,
-            "--trace",
-            trace.to_str().context("path")?,
-        ],
+            &replies,
+            &trace,
+            &["--tools", tmp.path().to_str().context("path")?],
+        ),
         &[("VLAD_TEST_PID_FILE", &pid_file)],
     )?;
     let elapsed = start.elapsed();
@@ -217,48 +188,6 @@ fn a_replayed_run_calls_plugins_and_every_failure_is_a_result() -> Result<()> {
     Ok(())
 }
 
-/// A model that hands out recorded replies and keeps every prompt.
-struct Recording {
-    inner: ReplayModel,
-    prompts: Arc<Mutex<Vec<Prompt>>>,
-}
-
-impl Model for Recording {
-    fn generate(
-        &mut self,
-        prompt: &Prompt,
-        options: &GenerationOptions,
-    ) -> vlad::model::Result<Completion> {
-        if let Ok(mut p) = self.prompts.lock() {
-            p.push(prompt.clone());
-        }
-        self.inner.generate(prompt, options)
-    }
-    fn name(&self) -> String {
-        "recording".into()
-    }
-}
-
-/// All text of a prompt, images as `<img>`.
-fn flatten(prompt: &Prompt) -> String {
-    prompt
-        .messages
-        .iter()
-        .map(|m| match &m.content {
-            Content::Text(t) => t.clone(),
-            Content::Parts(parts) => parts
-                .iter()
-                .map(|p| match p {
-                    Part::Text(t) => t.clone(),
-                    Part::Image(_) => "<img>".to_string(),
-                    Part::Video(_) => "<video>".to_string(),
-                })
-                .collect(),
-        })
-        .collect::<Vec<_>>()
-        .join("\n")
-}
-
 #[test]
 fn the_model_sees_the_tools_and_their_results() -> Result<()> {
     let tmp = tempfile::tempdir()?;
@@ -277,19 +206,12 @@ fn the_model_sees_the_tools_and_their_results() -> Result<()> {
         "{system}"
     );
 
-    let prompts = Arc::new(Mutex::new(Vec::new()));
-    let mut model = Recording {
-        inner: ReplayModel::from_replies(
-            "test.jsonl",
-            vec![
-                "*FUNCTION*: upper *ARGS*: {\"text\": \"abc\"}".into(),
-                " *FUNCTION*: garbage *ARGS*: {}".into(),
-                " *FUNCTION*: nope *ARGS*: {}".into(),
-                " *FUNCTION*: Finish *ARGS*: {\"answer\": \"ok\"}".into(),
-            ],
-        ),
-        prompts: prompts.clone(),
-    };
+    let (mut model, prompts) = Recording::new(&[
+        "*FUNCTION*: upper *ARGS*: {\"text\": \"abc\"}",
+        " *FUNCTION*: garbage *ARGS*: {}",
+        " *FUNCTION*: nope *ARGS*: {}",
+        " *FUNCTION*: Finish *ARGS*: {\"answer\": \"ok\"}",
+    ]);
     let report = agent.run(
         "Use the tools",
         &mut model,
@@ -309,21 +231,21 @@ fn the_model_sees_the_tools_and_their_results() -> Result<()> {
     let prompts = prompts.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
     assert_eq!(prompts.len(), 4);
     // Each result goes back inside the same assistant turn, before the new screenshot.
-    let second = flatten(&prompts[1]);
+    let second = all_text(&prompts[1]);
     assert!(
         second.contains(
             "*FUNCTION*: upper *ARGS*: {\"text\": \"abc\"}\n*RESULT*: ABC <img>\n*RETURN*:"
         ),
         "{second}"
     );
-    let third = flatten(&prompts[2]);
+    let third = all_text(&prompts[2]);
     assert!(
         third.contains(
             "*RESULT*: garbage failed: the tool's answer is not the JSON result expected"
         ),
         "{third}"
     );
-    let fourth = flatten(&prompts[3]);
+    let fourth = all_text(&prompts[3]);
     assert!(
         fourth.contains("`nope` is not a known function"),
         "{fourth}"
@@ -333,15 +255,12 @@ fn the_model_sees_the_tools_and_their_results() -> Result<()> {
 
 #[test]
 fn tools_list_shows_tools_and_manifest_errors() -> Result<()> {
-    let out = vlad(
-        &[
-            "tools",
-            "list",
-            fixtures().join("tools").to_str().context("path")?,
-            "--json",
-        ],
-        &[],
-    )?;
+    let out = vlad(&[
+        "tools",
+        "list",
+        fixtures().join("tools").to_str().context("path")?,
+        "--json",
+    ])?;
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     let listing: Value = serde_json::from_slice(&out.stdout)?;
     let names: Vec<&str> = listing["tools"]
@@ -366,7 +285,7 @@ fn tools_list_shows_tools_and_manifest_errors() -> Result<()> {
         "name = \"good\"\ncommand = [\"sh\", \"-c\", \"echo '{\\\"ok\\\": true, \\\"result\\\": 1}'\"]\n",
     )?;
     let dir = tmp.path().to_str().context("path")?;
-    let out = vlad(&["tools", "list", dir], &[])?;
+    let out = vlad(&["tools", "list", dir])?;
     assert_eq!(out.status.code(), Some(1));
     assert!(
         text(&out.stdout).starts_with("good (command"),
@@ -378,14 +297,14 @@ fn tools_list_shows_tools_and_manifest_errors() -> Result<()> {
         stderr.contains("bad.toml: `timeout_s`: must be a number of seconds above 0"),
         "{stderr}"
     );
-    let out = vlad(&["tools", "call", "good", "--tools", dir], &[])?;
+    let out = vlad(&["tools", "call", "good", "--tools", dir])?;
     assert_eq!(
         out.status.code(),
         Some(1),
         "a broken manifest must stop the call"
     );
     std::fs::remove_file(tmp.path().join("bad.toml"))?;
-    let out = vlad(&["tools", "call", "good", "--tools", dir], &[])?;
+    let out = vlad(&["tools", "call", "good", "--tools", dir])?;
     assert_eq!(text(&out.stdout), "1\n", "{}", text(&out.stderr));
     Ok(())
 }
@@ -421,7 +340,7 @@ fn mcp_tools_are_imported_over_streamable_http() -> Result<()> {
         ),
     )?;
     let path = manifest.to_str().context("path")?;
-    let out = vlad(&["tools", "list", path, "--json"], &[])?;
+    let out = vlad(&["tools", "list", path, "--json"])?;
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     let listing: Value = serde_json::from_slice(&out.stdout)?;
     let names: Vec<&str> = listing["tools"]
@@ -431,17 +350,14 @@ fn mcp_tools_are_imported_over_streamable_http() -> Result<()> {
         .filter_map(|t| t["name"].as_str())
         .collect();
     assert_eq!(names, ["add", "echo"]);
-    let out = vlad(
-        &[
-            "tools",
-            "call",
-            "add",
-            "{\"a\": 1.5, \"b\": 2}",
-            "--tools",
-            path,
-        ],
-        &[],
-    )?;
+    let out = vlad(&[
+        "tools",
+        "call",
+        "add",
+        "{\"a\": 1.5, \"b\": 2}",
+        "--tools",
+        path,
+    ])?;
     assert_eq!(text(&out.stdout), "3.5\n", "{}", text(&out.stderr));
     Ok(())
 }
@@ -452,7 +368,7 @@ fn the_shell_example_runs_in_its_sandbox() -> Result<()> {
     let sandbox = tmp.path().join("sandbox");
     let tools = repo().join("tools");
     let tools = tools.to_str().context("path")?;
-    let out = vlad(
+    let out = vlad_with_env(
         &[
             "tools",
             "call",
@@ -475,7 +391,7 @@ fn the_shell_example_runs_in_its_sandbox() -> Result<()> {
     assert_eq!(std::fs::read_to_string(real.join("note.txt"))?, "héllo\n");
 
     // Its own timeout stops a command before vlad's does.
-    let out = vlad(
+    let out = vlad_with_env(
         &[
             "tools",
             "call",
@@ -503,19 +419,14 @@ fn the_shell_example_runs_in_its_sandbox() -> Result<()> {
         ],
     )?;
     let trace = tmp.path().join("trace");
-    let out = vlad(
-        &[
-            "run",
+    let out = vlad_with_env(
+        &run_args(
             "Make a file",
-            "--agent",
             profile.to_str().context("path")?,
-            "--backend",
-            "replay",
-            "--replies",
-            replies.to_str().context("path")?,
-            "--trace",
-            trace.to_str().context("path")?,
-        ],
+            &replies,
+            &trace,
+            &[],
+        ),
         &[("VLAD_SHELL_SANDBOX", &sandbox)],
     )?;
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
@@ -580,30 +491,16 @@ fn a_dangerous_tool_runs_when_the_user_says_yes() -> Result<()> {
     )?;
     let trace = tmp.path().join("trace");
     let profile = fixtures().join("agent.toml");
-    let mut child = Command::new(VLAD)
-        .args([
-            "run",
+    let out = vlad_with_input(
+        &run_args(
             "Do the dangerous thing",
-            "--agent",
             profile.to_str().context("path")?,
-            "--backend",
-            "replay",
-            "--replies",
-            replies.to_str().context("path")?,
-            "--trace",
-            trace.to_str().context("path")?,
-            "--interactive",
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    {
-        use std::io::Write;
-        let mut stdin = child.stdin.take().context("stdin")?;
-        stdin.write_all(b"y\n")?;
-    }
-    let out = child.wait_with_output()?;
+            &replies,
+            &trace,
+            &["--interactive"],
+        ),
+        "y\n",
+    )?;
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{stderr}");
     assert!(
@@ -620,7 +517,7 @@ fn a_dangerous_tool_runs_when_the_user_says_yes() -> Result<()> {
 fn the_shipped_plugins_load_and_open_url_keeps_to_its_schemes() -> Result<()> {
     let tools = repo().join("tools");
     let tools = tools.to_str().context("path")?;
-    let out = vlad(&["tools", "list", tools, "--json"], &[])?;
+    let out = vlad(&["tools", "list", tools, "--json"])?;
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     let listing: Value = serde_json::from_slice(&out.stdout)?;
     let names: Vec<(&str, bool)> = listing["tools"]
@@ -634,17 +531,14 @@ fn the_shipped_plugins_load_and_open_url_keeps_to_its_schemes() -> Result<()> {
         [("clipboard", false), ("open_url", false), ("shell", true)]
     );
     // Refused before anything is opened.
-    let out = vlad(
-        &[
-            "tools",
-            "call",
-            "open_url",
-            "{\"url\": \"javascript:alert(1)\"}",
-            "--tools",
-            tools,
-        ],
-        &[],
-    )?;
+    let out = vlad(&[
+        "tools",
+        "call",
+        "open_url",
+        "{\"url\": \"javascript:alert(1)\"}",
+        "--tools",
+        tools,
+    ])?;
     assert_eq!(out.status.code(), Some(1));
     assert!(
         text(&out.stderr).contains("only http, https, mailto, file URLs are opened"),

@@ -120,8 +120,20 @@ impl Daemon {
         path: &str,
         body: Option<&str>,
     ) -> Result<(u16, Option<String>, String)> {
+        self.raw_as(agent, method, path, body, self.token.as_deref())
+    }
+
+    /// [`Daemon::raw`] with `token` in place of the daemon's (`None`: no `Authorization`).
+    pub fn raw_as(
+        &self,
+        agent: &ureq::Agent,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+        token: Option<&str>,
+    ) -> Result<(u16, Option<String>, String)> {
         let url = format!("{}{path}", self.url);
-        let auth = self.token.as_ref().map(|t| format!("Bearer {t}"));
+        let auth = token.map(|t| format!("Bearer {t}"));
         let mut response = match method {
             "GET" => {
                 let mut r = agent.get(&url);
@@ -158,8 +170,19 @@ impl Daemon {
 
     /// One request; the status and the body parsed as JSON.
     pub fn request(&self, method: &str, path: &str, body: Option<&str>) -> Result<(u16, Value)> {
+        self.request_as(method, path, body, self.token.as_deref())
+    }
+
+    /// [`Daemon::request`] with `token` in place of the daemon's (`None`: no `Authorization`).
+    pub fn request_as(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+        token: Option<&str>,
+    ) -> Result<(u16, Value)> {
         let agent = Self::agent(Duration::from_secs(60));
-        let (status, _, text) = self.raw(&agent, method, path, body)?;
+        let (status, _, text) = self.raw_as(&agent, method, path, body, token)?;
         let value = serde_json::from_str(&text).with_context(|| {
             format!("{method} {path}: HTTP {status} body is not JSON: {text:?}")
         })?;
