@@ -214,10 +214,13 @@ impl PackedWeight {
         let c = SharedOut(out.as_mut_ptr());
         let panels = self.n.div_ceil(NR);
         let group = group.max(1);
+        // A is packed once for all threads (each used to pack it for every group of panels)
+        let packed_a = (m > MR).then(|| PackedRows::pack(a, m, lda, self.k_padded, true));
         for_each_thread(panels.div_ceil(group), |g0, g1| {
             let (p0, p1) = (g0 * group, (g1 * group).min(panels));
+            let (k_used, packed_a) = (self.k_padded, packed_a.as_ref());
             // SAFETY: C was checked to hold `m` rows; each thread writes only its panels' columns.
-            unsafe { self.run_bf16(a, m, lda, bias, &c, ldc, self.n, self.k_padded, p0, p1) };
+            unsafe { self.run_bf16(a, m, lda, bias, &c, ldc, self.n, k_used, (p0, p1), packed_a) };
             let cols = p0 * NR..(p1 * NR).min(self.n);
             for row in 0..m {
                 // SAFETY: these columns of C are this thread's and fully written above.
@@ -246,7 +249,10 @@ impl PackedWeight {
         self.check(m, (a.len(), lda, k_used), out.len(), ldc, cols, None);
         let c = SharedOut(out.as_mut_ptr());
         // SAFETY: C holds `m` rows of `cols` columns (checked); one thread.
-        unsafe { self.run_bf16(a, m, lda, None, &c, ldc, cols, k_used, 0, cols.div_ceil(NR)) }
+        unsafe {
+            let panels = (0, cols.div_ceil(NR));
+            self.run_bf16(a, m, lda, None, &c, ldc, cols, k_used, panels, None)
+        }
     }
 
     /// With an odd `k` the last pair would read one value past a row of A: such A goes through a
@@ -344,8 +350,8 @@ impl PackedWeight {
         ldc: usize,
         n_cols: usize,
         k_used: usize,
-        p0: usize,
-        p1: usize,
+        (p0, p1): (usize, usize),
+        packed_a: Option<&PackedRows>,
     ) {
         let Panels::Bf16(panels) = &self.panels else {
             panic!("bf16 matmul on f32-packed weights");
@@ -373,48 +379,38 @@ impl PackedWeight {
             }
             return;
         }
-        // A's block, packed per row tile as [pair][row] so a tile reads one contiguous stream
-        let mut packed_a = vec![0u32; MC.div_ceil(MR) * MR * (KC_BF16 / 2)];
+        // A packed per row tile as [pair][row], so a tile reads one contiguous stream: once per
+        // product by the caller, or here
+        let local;
+        let packed_a = match packed_a {
+            Some(packed) => packed,
+            None => {
+                local = PackedRows::pack(a, m, lda, k_used, false);
+                &local
+            }
+        };
         for k0 in (0..k_used).step_by(KC_BF16) {
-            let kc = KC_BF16.min(k_used - k0);
-            let pairs = kc / 2;
+            let pairs = KC_BF16.min(k_used - k0) / 2;
             for g0 in (p0..p1).step_by(NC_PANELS) {
                 for m0 in (0..m).step_by(MC) {
-                    let mc = MC.min(m - m0);
-                    let tiles = mc.div_ceil(MR);
-                    for t in 0..tiles {
-                        let dst = &mut packed_a[t * MR * pairs..(t + 1) * MR * pairs];
-                        for i in 0..MR {
-                            let row = m0 + t * MR + i;
-                            if row < m0 + mc {
-                                let src = &a[row * lda + k0..row * lda + k0 + kc];
-                                for q in 0..pairs {
-                                    dst[q * MR + i] = (src[2 * q].to_bits() as u32)
-                                        | ((src[2 * q + 1].to_bits() as u32) << 16);
-                                }
-                            } else {
-                                for q in 0..pairs {
-                                    dst[q * MR + i] = 0;
-                                }
-                            }
-                        }
-                    }
+                    let tiles = MC.min(m - m0).div_ceil(MR);
                     for p in g0..(g0 + NC_PANELS).min(p1) {
                         let b = &panels[p * kp * NR + k0 * NR..];
                         let cols = NR.min(n_cols - p * NR);
                         for t in 0..tiles {
                             let row = m0 + t * MR;
-                            let rows = MR.min(m0 + mc - row);
+                            let rows = MR.min(m - row);
                             let start = if k0 == 0 {
                                 Start::Bias(bias.map(|b| &b[p * NR..p * NR + cols]))
                             } else {
                                 Start::Accumulate
                             };
+                            let tile = packed_a.tile(k0, row / MR, k_used);
                             // SAFETY: the packed tile holds MR rows of `pairs`; the C tile is
                             // inside this thread's columns and the first `rows` rows.
                             unsafe {
                                 tile_bf16_packed(
-                                    packed_a[t * MR * pairs..].as_ptr(),
+                                    tile.as_ptr(),
                                     b.as_ptr(),
                                     pairs,
                                     c.0.add(row * ldc + p * NR),
@@ -453,6 +449,56 @@ impl PackedWeight {
         if let Some(b) = bias {
             assert_eq!(b.len(), self.n, "bias length");
         }
+    }
+}
+
+/// A (`m × k_used`, bf16) copied the way the 12-row tiles read it: per block of [`KC_BF16`]
+/// values of `k`, per tile of [`MR`] rows, `[pair][row]` with the two values of a pair in one
+/// `u32` (rows past `m` are zero).
+struct PackedRows {
+    data: Vec<u32>,
+    tiles: usize,
+}
+
+impl PackedRows {
+    /// `k_used` must be even (a row of A is readable up to it).
+    fn pack(a: &[bf16], m: usize, lda: usize, k_used: usize, parallel: bool) -> Self {
+        let tiles = m.div_ceil(MR);
+        let mut data = vec![0u32; tiles * MR * k_used / 2];
+        let mut parts = Vec::with_capacity(tiles * k_used.div_ceil(KC_BF16));
+        let mut rest = data.as_mut_slice();
+        for k0 in (0..k_used).step_by(KC_BF16) {
+            let pairs = KC_BF16.min(k_used - k0) / 2;
+            for t in 0..tiles {
+                let (part, tail) = rest.split_at_mut(MR * pairs);
+                parts.push((k0, t, part));
+                rest = tail;
+            }
+        }
+        let fill = |(k0, t, dst): (usize, usize, &mut [u32])| {
+            let pairs = dst.len() / MR;
+            for i in 0..MR.min(m - t * MR) {
+                let start = (t * MR + i) * lda + k0;
+                let src = &a[start..start + 2 * pairs];
+                for (q, pair) in src.chunks_exact(2).enumerate() {
+                    dst[q * MR + i] =
+                        (pair[0].to_bits() as u32) | ((pair[1].to_bits() as u32) << 16);
+                }
+            }
+        };
+        if parallel {
+            parts.into_par_iter().for_each(fill);
+        } else {
+            parts.into_iter().for_each(fill);
+        }
+        Self { data, tiles }
+    }
+
+    /// Tile `t` of the `k` block that starts at `k0`.
+    fn tile(&self, k0: usize, t: usize, k_used: usize) -> &[u32] {
+        let pairs = KC_BF16.min(k_used - k0) / 2;
+        let start = self.tiles * MR * (k0 / 2) + t * MR * pairs;
+        &self.data[start..start + MR * pairs]
     }
 }
 
