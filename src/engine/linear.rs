@@ -6,7 +6,9 @@
 //! `q8_0` (GGML's Q8_0 blocks, multiplied by our own kernel: in 8-bit against Q8_0-quantized
 //! activations where the CPU has AVX512-VNNI, as llama.cpp does, else with f32 activations) or `q4k`
 //! (GGML's Q4_K through candle's quantized matmul). Prompts of more than one token multiply with
-//! the dequantized weights, one layer at a time.
+//! the dequantized weights, one layer at a time. Layers that read the same input are stacked
+//! into one ([`Linear::load_stacked`], [`GatedLinear`] for the MLP's gate and up), so a token
+//! reads them in one pass; [`WeightLayer`] is what the loader does with each layer.
 
 use std::fmt;
 use std::str::FromStr;

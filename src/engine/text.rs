@@ -150,18 +150,14 @@ impl Attention {
             self.num_heads * self.head_dim,
             self.num_kv_heads * self.head_dim,
         );
-        let q = qkv
-            .narrow(2, 0, q_width)?
-            .reshape((b, s, self.num_heads, self.head_dim))?;
-        let k =
-            qkv.narrow(2, q_width, kv_width)?
-                .reshape((b, s, self.num_kv_heads, self.head_dim))?;
-        let v = qkv.narrow(2, q_width + kv_width, kv_width)?.reshape((
-            b,
-            s,
-            self.num_kv_heads,
-            self.head_dim,
-        ))?;
+        // the stacked output's columns: q heads, then k heads, then v heads
+        let split = |start: usize, heads: usize| {
+            qkv.narrow(2, start, heads * self.head_dim)?
+                .reshape((b, s, heads, self.head_dim))
+        };
+        let q = split(0, self.num_heads)?;
+        let k = split(q_width, self.num_kv_heads)?;
+        let v = split(q_width + kv_width, self.num_kv_heads)?;
         let q = candle_nn::rotary_emb::rope_thd(&q.contiguous()?, &rope.cos, &rope.sin)?;
         let k = candle_nn::rotary_emb::rope_thd(&k.contiguous()?, &rope.cos, &rope.sin)?;
         let (k, v) = cache.append(&k, &v)?;
