@@ -9,6 +9,7 @@
 
 use std::future::Future;
 use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -27,6 +28,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 /// Characters of the server's stderr kept for error messages.
 const STDERR_TAIL: usize = 1000;
+/// How long a call that lost its server waits for the rest of the server's stderr.
+const STDERR_DRAIN: Duration = Duration::from_secs(1);
 
 type Client = RunningService<RoleClient, ()>;
 
@@ -87,7 +90,7 @@ pub struct McpServer {
     transport: McpTransport,
     runtime: Arc<Runtime>,
     client: Arc<tokio::sync::Mutex<Option<Client>>>,
-    stderr: Arc<Mutex<String>>,
+    stderr: Arc<StderrTail>,
     /// The process id of a stdio server, to kill it if it does not close in time.
     pid: Arc<Mutex<Option<u32>>>,
 }
@@ -104,7 +107,7 @@ impl McpServer {
             transport,
             runtime,
             client: Arc::new(tokio::sync::Mutex::new(None)),
-            stderr: Arc::new(Mutex::new(String::new())),
+            stderr: Arc::new(StderrTail::default()),
             pid: Arc::new(Mutex::new(None)),
         };
         let (transport, stderr, slot, pid) = (
@@ -150,7 +153,7 @@ impl McpServer {
 
     /// `message`, with the end of the server's stderr when it wrote any.
     fn with_stderr(&self, message: String) -> String {
-        let tail = self.stderr.lock().map(|s| s.clone()).unwrap_or_default();
+        let tail = self.stderr.text();
         if tail.trim().is_empty() {
             message
         } else {
@@ -181,7 +184,7 @@ impl McpServer {
             let mut guard = slot.lock().await;
             if guard.is_none() {
                 *guard = Some(
-                    start(transport, stderr, pid)
+                    start(transport, stderr.clone(), pid)
                         .await
                         .map_err(|e| format!("the server could not be started again: {e}"))?,
                 );
@@ -199,6 +202,8 @@ impl McpServer {
                     if let Some(client) = guard.take() {
                         drop(client);
                     }
+                    // a crashing server's last words may still be in the pipe
+                    stderr.wait_closed(STDERR_DRAIN).await;
                     Err(format!("the server went away during the call ({e})"))
                 }
             }
@@ -243,10 +248,53 @@ impl Drop for McpServer {
     }
 }
 
+/// The end of a stdio server's stderr, kept for error messages, and whether the pipe is open.
+#[derive(Debug, Default)]
+struct StderrTail {
+    text: Mutex<String>,
+    open: AtomicBool,
+}
+
+impl StderrTail {
+    /// A new process: forget the last one's output.
+    fn open(&self) {
+        if let Ok(mut s) = self.text.lock() {
+            s.clear();
+        }
+        self.open.store(true, Ordering::Release);
+    }
+
+    fn push(&self, chunk: &str) {
+        if let Ok(mut s) = self.text.lock() {
+            s.push_str(chunk);
+            let len = s.chars().count();
+            if len > STDERR_TAIL {
+                *s = s.chars().skip(len - STDERR_TAIL).collect();
+            }
+        }
+    }
+
+    fn close(&self) {
+        self.open.store(false, Ordering::Release);
+    }
+
+    fn text(&self) -> String {
+        self.text.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// Waits (at most `limit`) until the pipe is read to its end.
+    async fn wait_closed(&self, limit: Duration) {
+        let start = std::time::Instant::now();
+        while self.open.load(Ordering::Acquire) && start.elapsed() < limit {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
 /// Starts the transport and the MCP handshake.
 async fn start(
     transport: McpTransport,
-    stderr: Arc<Mutex<String>>,
+    stderr: Arc<StderrTail>,
     pid: Arc<Mutex<Option<u32>>>,
 ) -> Result<Client, String> {
     match transport {
@@ -264,23 +312,16 @@ async fn start(
                 *p = child.id();
             }
             if let Some(mut err) = err {
-                if let Ok(mut s) = stderr.lock() {
-                    s.clear();
-                }
+                stderr.open();
                 tokio::spawn(async move {
                     let mut chunk = [0u8; 1024];
                     while let Ok(n) = err.read(&mut chunk).await {
                         if n == 0 {
                             break;
                         }
-                        if let Ok(mut s) = stderr.lock() {
-                            s.push_str(&String::from_utf8_lossy(&chunk[..n]));
-                            let len = s.chars().count();
-                            if len > STDERR_TAIL {
-                                *s = s.chars().skip(len - STDERR_TAIL).collect();
-                            }
-                        }
+                        stderr.push(&String::from_utf8_lossy(&chunk[..n]));
                     }
+                    stderr.close();
                 });
             }
             ().serve(child)
