@@ -8,7 +8,11 @@ real 2B configuration and random weights, timed on the same parts of an agent st
 
 and the machine's memory read bandwidth (torch sums a 1 GiB tensor on all threads), which is what
 decoding is bound by. Prints one JSON object on stdout. Works with transformers 4.57 (the version
-the parity fixtures pin, tests/fixtures/requirements.txt).
+the parity fixtures pin, tests/fixtures/requirements.txt) and 5.x.
+
+With --device cuda it times the same parts on the first GPU (synchronising before every clock
+read), reports the peak memory torch allocated per size, and measures the card's copy bandwidth
+(bytes read + written) and bf16 matrix rate instead of the CPU's.
 
   python scripts/bench_reference.py --tokenizer tests/data/qwen2vl-tokenizer \
       --dtype bfloat16 --sizes 640x360,1280x720 --decode-tokens 16 --runs 2
@@ -83,8 +87,27 @@ def peak_rss_bytes():
     return None
 
 
-def bandwidth_gb_s(torch):
-    """Read bandwidth: the best of 5 sums over a 1 GiB f32 tensor (all torch threads)."""
+def sync(torch, device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def bandwidth_gb_s(torch, device):
+    """Read bandwidth: the best of 5 sums over a 1 GiB f32 tensor (all torch threads); on a GPU,
+    the best of 5 device-to-device copies of 1 GiB, counting the bytes read and written."""
+    if device == "cuda":
+        x = torch.ones(1 << 28, dtype=torch.float32, device=device)
+        y = torch.empty_like(x)
+        y.copy_(x)
+        best = float("inf")
+        for _ in range(5):
+            sync(torch, device)
+            t = time.perf_counter()
+            y.copy_(x)
+            sync(torch, device)
+            best = min(best, time.perf_counter() - t)
+        del x, y
+        return 2 * (1 << 30) / best / 1e9
     x = torch.ones(1 << 28, dtype=torch.float32)
     x.sum()
     best = float("inf")
@@ -96,17 +119,30 @@ def bandwidth_gb_s(torch):
     return (1 << 30) / best / 1e9
 
 
-def matmul_gflops(torch, dtype):
-    """Compute ceiling: the best of 5 square 2048 matmuls in `dtype` (all torch threads)."""
-    a = torch.randn(2048, 2048, dtype=dtype)
-    b = torch.randn(2048, 2048, dtype=dtype)
+def matmul_gflops(torch, dtype, device):
+    """Compute ceiling: the best of 5 square matmuls in `dtype` (2048 on all CPU threads, 8192 on
+    a GPU)."""
+    n = 8192 if device == "cuda" else 2048
+    a = torch.randn(n, n, dtype=dtype, device=device)
+    b = torch.randn(n, n, dtype=dtype, device=device)
     a @ b
     best = float("inf")
     for _ in range(5):
+        sync(torch, device)
         t = time.perf_counter()
         a @ b
+        sync(torch, device)
         best = min(best, time.perf_counter() - t)
-    return 2 * 2048**3 / best / 1e9
+    return 2 * n**3 / best / 1e9
+
+
+def rope_index(inner, ids, grid, attention_mask, image_token):
+    """M-RoPE positions of the prompt: transformers 5.x also wants the token types (1 = image)."""
+    import inspect
+    if "mm_token_type_ids" in inspect.signature(inner.get_rope_index).parameters:
+        return inner.get_rope_index(ids, (ids == image_token).int(), image_grid_thw=grid,
+                                    attention_mask=attention_mask)
+    return inner.get_rope_index(ids, grid, None, attention_mask)
 
 
 def main():
@@ -116,6 +152,7 @@ def main():
     ap.add_argument("--sizes", default="640x360")
     ap.add_argument("--decode-tokens", type=int, default=16)
     ap.add_argument("--runs", type=int, default=1, help="timed runs after one warm-up (medians)")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     args = ap.parse_args()
 
     import torch
@@ -123,16 +160,19 @@ def main():
     from transformers import AutoProcessor, Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
+    dev = args.device
     torch.manual_seed(0)
-    out = {"dtype": args.dtype, "torch": torch.__version__, "transformers": transformers.__version__,
+    out = {"dtype": args.dtype, "device": dev, "torch": torch.__version__, "transformers": transformers.__version__,
            "threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-           "bandwidth_gb_s": bandwidth_gb_s(torch), "matmul_gflops": matmul_gflops(torch, dtype), "rows": []}
+           "gpu": torch.cuda.get_device_name() if dev == "cuda" else None,
+           "bandwidth_gb_s": bandwidth_gb_s(torch, dev), "matmul_gflops": matmul_gflops(torch, dtype, dev),
+           "rows": []}
     d = model_dir(args.tokenizer)
     cfg = Qwen2VLConfig.from_pretrained(d)
     cfg.torch_dtype = dtype
     torch.set_default_dtype(dtype)
     with torch.no_grad():
-        model = Qwen2VLForConditionalGeneration(cfg).to(dtype).eval()
+        model = Qwen2VLForConditionalGeneration(cfg).to(dtype).to(dev).eval()
     torch.set_default_dtype(torch.float32)
     dtypes = sorted({str(p.dtype) for p in model.parameters()})
     assert dtypes == [str(dtype)], f"parameters are {dtypes}, not {dtype}"
@@ -148,27 +188,35 @@ def main():
                                              {"type": "text", "text": "Where is the search box? Answer with a point."}]}]
         text = proc.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
         inputs = proc(text=[text], images=[screenshot(w, h)], return_tensors="pt")
+        inputs = {k: v.to(dev) for k, v in inputs.items()}
         ids, grid = inputs["input_ids"], inputs["image_grid_thw"]
         pixels = inputs["pixel_values"].to(dtype)
+        if dev == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
         runs = []
         for run in range(args.runs + 1):
             b0, o0 = busy_s(), own_s()
             with torch.no_grad():
+                sync(torch, dev)
                 t0 = time.perf_counter()
                 vis = inner.visual(pixels, grid_thw=grid)
+                vis = getattr(vis, "pooler_output", vis)  # 5.x returns an output object
+                sync(torch, dev)
                 t1 = time.perf_counter()
                 embeds = embed(ids)
                 mask = (ids == image_token).unsqueeze(-1).expand_as(embeds)
                 embeds = embeds.masked_scatter(mask, vis.to(embeds.dtype))
-                position_ids, delta = inner.get_rope_index(ids, grid, None, inputs["attention_mask"])
+                position_ids, delta = rope_index(inner, ids, grid, inputs["attention_mask"], image_token)
                 o = model(inputs_embeds=embeds, attention_mask=inputs["attention_mask"], position_ids=position_ids,
                           use_cache=True, logits_to_keep=1)
+                sync(torch, dev)
                 t2 = time.perf_counter()
                 cache, nxt, n = o.past_key_values, int(o.logits[0, -1].float().argmax()), ids.shape[1]
                 delta = int(delta.reshape(-1)[0])
                 for i in range(args.decode_tokens):
-                    pos = torch.full((3, 1, 1), n + i + delta, dtype=torch.long)
-                    o = model(input_ids=torch.tensor([[nxt]]), position_ids=pos, past_key_values=cache,
+                    pos = torch.full((3, 1, 1), n + i + delta, dtype=torch.long, device=dev)
+                    o = model(input_ids=torch.tensor([[nxt]], device=dev), position_ids=pos, past_key_values=cache,
                               use_cache=True, logits_to_keep=1)
                     cache, nxt = o.past_key_values, int(o.logits[0, -1].float().argmax())
                 t3 = time.perf_counter()
@@ -181,6 +229,7 @@ def main():
             del cache, o, vis
         row = {"size": size, "grid_thw": grid[0].tolist(), "prompt_tokens": int(ids.shape[1]),
                "timed_runs": len(runs), "peak_rss_bytes": peak_rss_bytes(),
+               "peak_vram_bytes": torch.cuda.max_memory_allocated() if dev == "cuda" else None,
                "others_cpu_share_max": max(r["others_cpu_share"] for r in runs)}
         for k in ("vision_s", "prefill_s", "decode_tokens_per_s"):
             row[k] = statistics.median(r[k] for r in runs)

@@ -12,7 +12,7 @@ use vlad::engine::{
 
 #[path = "support/engine_fixtures.rs"]
 mod engine_fixtures;
-use engine_fixtures::{copy_model, fixtures};
+use engine_fixtures::{copy_model, fixtures, test_device};
 
 fn case(name: &str) -> Value {
     let text = std::fs::read_to_string(fixtures().join("cases.json")).unwrap();
@@ -23,6 +23,7 @@ fn case(name: &str) -> Value {
 fn load(model: &str, dtype: DType) -> Qwen2Vl {
     let options = LoadOptions {
         dtype,
+        device: test_device(),
         ..Default::default()
     };
     Qwen2Vl::load_dir(&fixtures().join(model), &options).unwrap()
@@ -214,6 +215,7 @@ fn q8_0_language_model_stays_close_to_the_reference() {
             name,
             &LoadOptions {
                 quantize: Some(Quantization::Q8_0),
+                device: test_device(),
                 ..Default::default()
             },
         );
@@ -221,6 +223,7 @@ fn q8_0_language_model_stays_close_to_the_reference() {
             name,
             &LoadOptions {
                 dtype: DType::BF16,
+                device: test_device(),
                 ..Default::default()
             },
         );

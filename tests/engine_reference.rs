@@ -1,17 +1,16 @@
 //! The embedded engine against the reference implementation (transformers 4.57, see
 //! `tests/fixtures/generate_engine_fixtures.py`): for every recorded case, the rendered prompt,
 //! token ids, media grids, pixel values, vision features, M-RoPE positions, first-step logits and
-//! 12 greedy tokens.
-
-use std::path::{Path, PathBuf};
+//! 12 greedy tokens. On the CPU by default; `VLAD_TEST_DEVICE=cuda` (tests built with
+//! `--features cuda`) runs the same assertions on the first GPU.
 
 use candle_core::DType;
 use serde_json::Value;
 use vlad::engine::{GenerationOptions, LoadOptions, Prompt, Qwen2Vl};
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/engine")
-}
+#[path = "support/engine_fixtures.rs"]
+mod engine_fixtures;
+use engine_fixtures::{fixtures, test_device};
 
 fn cases() -> Vec<Value> {
     let text = std::fs::read_to_string(fixtures().join("cases.json")).expect("cases.json");
@@ -51,6 +50,7 @@ fn load(case: &Value) -> Qwen2Vl {
     let kwargs = &case["processor_kwargs"];
     let options = LoadOptions {
         dtype: DType::F32,
+        device: test_device(),
         min_pixels: kwargs["min_pixels"].as_u64(),
         max_pixels: kwargs["max_pixels"].as_u64(),
         ..Default::default()

@@ -163,7 +163,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     if !json {
         writeln!(
             stdout,
-            "{:>10} {:>12} {:>7} {:>9} {:>10} {:>11} {:>9} {:>8} {:>10}",
+            "{:>10} {:>12} {:>7} {:>9} {:>10} {:>11} {:>9} {:>8} {:>10}{}",
             "size",
             "grid t,h,w",
             "tokens",
@@ -172,20 +172,30 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             "decode_tok/s",
             "decode_GB/s",
             "step_s",
-            "peak_rss"
+            "peak_rss",
+            if model.device().is_cuda() {
+                format!(" {:>10}", "peak_vram")
+            } else {
+                String::new()
+            }
         )?;
     }
     let rows = bench::run(&mut model, &options, |row| {
         if !json {
-            let rss = match row.peak_rss_bytes {
+            let bytes = |b: Option<u64>| match b {
                 Some(b) if b >= 1 << 30 => format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64),
                 Some(b) => format!("{:.0} MiB", b as f64 / (1u64 << 20) as f64),
                 None => "-".into(),
             };
+            let rss = bytes(row.peak_rss_bytes);
+            let vram = row
+                .peak_vram_bytes
+                .map(|b| format!(" {:>10}", bytes(Some(b))))
+                .unwrap_or_default();
             let [t, h, w] = row.grid_thw;
             let _ = writeln!(
                 stdout,
-                "{:>10} {:>12} {:>7} {:>9.2} {:>10.2} {:>11.2} {:>11.1} {:>8.2} {:>10}",
+                "{:>10} {:>12} {:>7} {:>9.3} {:>10.3} {:>11.2} {:>11.1} {:>8.3} {:>10}{vram}",
                 row.size,
                 format!("{t},{h},{w}"),
                 row.prompt_tokens,

@@ -5,7 +5,8 @@
 //! matmul-based attention that chunks the queries, so no score block exceeds a fixed budget and
 //! nothing spans two frames, and single-token decode steps use candle-nn's flash kernel.
 //! (Measured on a 2-core CPU: candle-nn 0.11's CPU flash kernels are 5–6× slower than matmul
-//! attention for prompt-sized inputs.)
+//! attention for prompt-sized inputs.) On CUDA devices, [`super::cuda_attention`] (cuBLAS on the
+//! operands in place).
 
 use candle_core::{CpuStorage, DType, Device, Storage, Tensor};
 use half::bf16;
@@ -43,6 +44,12 @@ pub fn causal(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> candle_core::Re
     let (_, s, heads, _) = q.dims4()?;
     let (_, t, kv_heads, _) = k.dims4()?;
     let offset = t - s;
+    #[cfg(feature = "cuda")]
+    if q.device().is_cuda() {
+        // grouped-query heads read in place, no expansion
+        let (q, k, v) = (q.squeeze(0)?, k.squeeze(0)?, v.squeeze(0)?);
+        return super::cuda_attention::attend(&q, &k, &v, scale, Some(offset))?.unsqueeze(0);
+    }
     if let Some(out) = fused(
         &q.squeeze(0)?,
         &k.squeeze(0)?,
@@ -83,6 +90,10 @@ pub(crate) fn dense(
     scale: f64,
     causal_offset: Option<usize>,
 ) -> candle_core::Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if q.device().is_cuda() {
+        return super::cuda_attention::attend(q, k, v, scale, causal_offset);
+    }
     match fused(q, k, v, scale, causal_offset)? {
         Some(out) => Ok(out),
         None => matmul_attention(q, k, v, scale, causal_offset),
@@ -110,15 +121,10 @@ fn matmul_attention(
         let len = chunk.min(s - start);
         let qc = q.narrow(1, start, len)?;
         let mut scores = (qc.matmul(&kt)? * scale)?;
-        if let Some(offset) = causal_offset {
-            let mask: Vec<f32> = (0..len)
-                .flat_map(|i| {
-                    let last = start + i + offset;
-                    (0..t).map(move |j| if j <= last { 0.0 } else { f32::NEG_INFINITY })
-                })
-                .collect();
-            let mask = Tensor::from_vec(mask, (1, len, t), q.device())?;
-            scores = scores.broadcast_add(&mask)?;
+        // query `start + i` sees keys up to `start + i + offset`: a mask only where the chunk's
+        // first query does not see every key (never for a decode step)
+        if let Some(offset) = causal_offset.filter(|o| start + o + 1 < t) {
+            scores = causal_masked(&scores, start + offset, len, t)?;
         }
         let probs = candle_nn::ops::softmax_last_dim(&scores)?;
         outs.push(probs.matmul(&v)?);
@@ -128,6 +134,28 @@ fn matmul_attention(
         .transpose(0, 1)?
         .to_dtype(dtype)?
         .contiguous()
+}
+
+/// `scores` `(heads, len, t)` with key `j` of query row `i` set to -inf where `j > first + i`.
+/// The mask is built where the scores are (no host-side mask copied to a GPU).
+pub(super) fn causal_masked(
+    scores: &Tensor,
+    first: usize,
+    len: usize,
+    t: usize,
+) -> candle_core::Result<Tensor> {
+    let device = scores.device();
+    let last_visible =
+        Tensor::arange(first as u32, (first + len) as u32, device)?.reshape((len, 1))?;
+    let keys = Tensor::arange(0u32, t as u32, device)?.reshape((1, t))?;
+    let visible = keys
+        .broadcast_le(&last_visible)?
+        .unsqueeze(0)?
+        .broadcast_as(scores.shape())?;
+    let hidden = Tensor::new(f32::NEG_INFINITY, device)?
+        .to_dtype(scores.dtype())?
+        .broadcast_as(scores.shape())?;
+    visible.where_cond(scores, &hidden)
 }
 
 /// Attention through the fused CPU kernel: `q` `(S, heads, d)`, `k`/`v` `(T, kv_heads, d)`, all

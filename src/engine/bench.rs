@@ -9,6 +9,7 @@ use std::time::Instant;
 use image::{Rgb, RgbImage};
 use serde::Serialize;
 
+use super::device_memory;
 use super::error::{EngineError, Result};
 use super::{GenerationOptions, Message, Part, Prompt, Qwen2Vl};
 
@@ -37,6 +38,8 @@ pub struct BenchRow {
     pub step_s: f64,
     /// Peak resident memory of this process so far (Linux; `None` elsewhere).
     pub peak_rss_bytes: Option<u64>,
+    /// Peak GPU memory the engine held during this size's runs (CUDA; `None` elsewhere).
+    pub peak_vram_bytes: Option<u64>,
     /// Bytes of language-model weights one decode step reads (all linear layers).
     pub decode_weight_bytes: usize,
     /// `decode_weight_bytes` × tokens/s: the memory bandwidth decoding achieves.
@@ -113,6 +116,7 @@ pub fn run(
         };
         let (mut vision, mut prefill, mut decode) = (Vec::new(), Vec::new(), Vec::new());
         let mut last = None;
+        device_memory::reset_peak(model.device());
         for run in 0..=options.runs {
             let start = Instant::now();
             let out = model.generate(&prompt, &generation, |_| {})?;
@@ -144,6 +148,7 @@ pub fn run(
                     f64::INFINITY
                 },
             peak_rss_bytes: peak_rss_bytes(),
+            peak_vram_bytes: device_memory::peak_bytes(model.device()),
             decode_weight_bytes,
             decode_gb_per_s: decode_weight_bytes as f64 * rate / 1e9,
             timed_runs: options.runs.max(1),
@@ -192,25 +197,41 @@ pub fn run_history(
         ignore_eos: true,
         ..Default::default()
     };
-    let mut messages = Vec::new();
-    let mut rows: Vec<HistoryStepRow> = Vec::new();
-    for step in 1..=steps {
-        // A different screen every step: shift the picture so no two screenshots are equal.
+    // A different screen every step: shift the picture so no two screenshots are equal.
+    let screen = |step: usize| {
         let mut screen = synthetic_screenshot(w, h);
         let shade = (step * 37 % 200) as u8;
         for p in screen.pixels_mut().take(w as usize * 8) {
             *p = Rgb([shade, 255 - shade, shade / 2]);
         }
+        Part::Image(Arc::new(screen))
+    };
+    // One untimed step on a screen of its own first, so step 1 does not carry one-time costs
+    // (a GPU's kernel compilation and memory pool growth), which would flatter the later steps.
+    let warm_up = Prompt::new(vec![Message::parts(
+        "user",
+        vec![screen(0), Part::Text("Warm-up: what do you see?".into())],
+    )]);
+    // (step 1, like the warm-up, starts from nothing: it is a new run's first step)
+    let fresh = GenerationOptions {
+        reuse_cache: false,
+        ..generation.clone()
+    };
+    model.generate(&warm_up, &fresh, |_| {})?;
+    let mut messages = Vec::new();
+    let mut rows: Vec<HistoryStepRow> = Vec::new();
+    for step in 1..=steps {
         messages.push(Message::parts(
             "user",
             vec![
-                Part::Image(Arc::new(screen)),
+                screen(step),
                 Part::Text(format!("Step {step}: what do you do next?")),
             ],
         ));
         let prompt = Prompt::new(messages.clone());
         let start = Instant::now();
-        let out = model.generate(&prompt, &generation, |_| {})?;
+        let options = if step == 1 { &fresh } else { &generation };
+        let out = model.generate(&prompt, options, |_| {})?;
         let step_s = start.elapsed().as_secs_f64();
         let first = rows.first().map_or(step_s, |r| r.step_s);
         let row = HistoryStepRow {

@@ -8,6 +8,9 @@ mod attention;
 pub mod bench;
 pub mod chat;
 pub mod config;
+#[cfg(feature = "cuda")]
+mod cuda_attention;
+pub mod device_memory;
 pub mod error;
 mod fused_attention;
 mod gemm;
@@ -244,6 +247,7 @@ impl Qwen2Vl {
             });
         }
         keep_freed_memory();
+        device_memory::keep_freed_memory(&options.device);
         let vision =
             VisionTower::load(&config.vision, vb.pp(layout.vision)).map_err(tensor_error)?;
         let text = TextModel::load(
@@ -272,6 +276,11 @@ impl Qwen2Vl {
     pub fn config(&self) -> &ModelConfig {
         &self.config
     }
+    /// Where the weights live and the work runs.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
     pub fn processor(&self) -> &Processor {
         &self.processor
     }
@@ -475,6 +484,8 @@ impl Qwen2Vl {
                 self.encode_media(&new_videos)?,
             )
         };
+        // GPU work is queued: wait for it, so each phase is charged its own time
+        self.device.synchronize()?;
         let vision_s = vision_start.elapsed().as_secs_f64();
 
         let prefill_start = Instant::now();
@@ -488,6 +499,7 @@ impl Qwen2Vl {
             &self.device,
         )?;
         let mut logits = self.text.forward(&embeds, &rope)?;
+        self.device.synchronize()?;
         let prefill_s = prefill_start.elapsed().as_secs_f64();
         let mut fed: Vec<u32> = ids.clone();
 
@@ -509,7 +521,7 @@ impl Qwen2Vl {
                 finish = FinishReason::Eos(token);
                 break;
             }
-            let text = self.decode(&generated)?;
+            let text = self.reply_text(&generated)?;
             if let Some(stop) = stream.update(&text, &mut on_text) {
                 finish = FinishReason::StopString(stop);
                 break;
@@ -535,12 +547,7 @@ impl Qwen2Vl {
             media: spans,
         };
         let decode_s = decode_start.elapsed().as_secs_f64();
-        let text_ids: Vec<u32> = generated
-            .iter()
-            .copied()
-            .filter(|id| !self.eos_ids.contains(id))
-            .collect();
-        let full_text = self.decode(&text_ids)?;
+        let full_text = self.reply_text(&generated)?;
         let text = stream.finish(&full_text, &mut on_text);
         Ok(Generation {
             prompt_token_ids: prepared.input_ids.clone(),
@@ -562,6 +569,20 @@ impl Qwen2Vl {
             reused_prompt_tokens: reused,
             reused_media: self.reused_media,
         })
+    }
+
+    /// The text of generated tokens without end-of-sequence tokens and media placeholders: the
+    /// processor places those for the media it is given, so one in a reply (a model can emit any
+    /// token) would make the conversation unrenderable on the next turn.
+    fn reply_text(&self, ids: &[u32]) -> Result<String> {
+        let special = self.processor.special_tokens();
+        let media_pads = [special.image_pad.1, special.video_pad.1];
+        let kept: Vec<u32> = ids
+            .iter()
+            .copied()
+            .filter(|id| !self.eos_ids.contains(id) && !media_pads.contains(id))
+            .collect();
+        self.decode(&kept)
     }
 
     fn decode(&self, ids: &[u32]) -> Result<String> {
@@ -691,5 +712,26 @@ mod tests {
         s.update("a *b 好", &mut |t| out.push_str(t));
         assert_eq!(out, "a *b 好");
         assert_eq!(s.finish("a *b 好", &mut |t| out.push_str(t)), "a *b 好");
+    }
+
+    #[test]
+    fn a_reply_with_a_media_placeholder_can_be_sent_back_as_history() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/engine/tiny-a");
+        let model = Qwen2Vl::load_dir(&dir, &LoadOptions::default()).unwrap();
+        let special = model.processor().special_tokens().clone();
+        let words = model.processor().encode("Click the button").unwrap();
+        let mut reply = words.clone();
+        reply.insert(1, special.image_pad.1);
+        reply.push(special.video_pad.1);
+        reply.push(model.eos_ids[0]);
+        let text = model.reply_text(&reply).unwrap();
+        assert_eq!(text, model.decode(&words).unwrap());
+        // the reply as the assistant's turn of the next prompt: still one placeholder per image
+        let history = Prompt::new(vec![
+            Message::text("user", "What next?"),
+            Message::text("assistant", text),
+            Message::text("user", "And now?"),
+        ]);
+        model.prepare(&history).unwrap();
     }
 }

@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# The GPU check, run on a machine with an NVIDIA GPU, PyTorch and transformers, from the .gpu/
+# bundle scripts/build-cuda.sh makes (.gpu/, or .gpu-bundle.tar.xz unpacked into it; no Rust
+# toolchain needed there):
+#   1. parity: the engine's reference tests (tests/engine_reference.rs, f32) and generation tests
+#      (tests/engine_generation.rs, bf16/f16/q8_0 deviation printed) with VLAD_TEST_DEVICE=cuda;
+#   2. speed: `vlad bench --device cuda` and the reference (scripts/bench_reference.py) one after
+#      the other on the same GPU, same sizes, 2B shapes, bf16; scripts/bench_vs_reference.py prints
+#      the ratios last.
+# Logs and JSON go to $OUT (or .gpu/out).
+#
+#   scripts/gpu-check.sh [SIZES]        # default 1280x720,1920x1080
+set -uo pipefail
+cd "$(dirname "$0")/.."
+sizes="${1:-1280x720,1920x1080}"
+out="${OUT:-.gpu/out}"
+mkdir -p "$out"
+status=0
+if [[ ! -x .gpu/bin/vlad && -f .gpu-bundle.tar.xz ]]; then
+  mkdir -p .gpu
+  python3 -c 'import lzma, sys, tarfile; tarfile.open(fileobj=lzma.open(sys.argv[1])).extractall(sys.argv[2])' \
+    .gpu-bundle.tar.xz .gpu
+fi
+
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader | tee "$out/gpu.txt"
+# cuBLAS, cuRAND and NVRTC 13 from the machine's Python packages; the driver's libcuda from its
+# usual places; what the binary links beyond CUDA from the bundle
+nvidia_libs="$(python3 -c 'import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], "cu13", "lib"))' 2>/dev/null)"
+export LD_LIBRARY_PATH="$PWD/.gpu/lib:${nvidia_libs}:/usr/local/nvidia/lib64:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
+if ldd .gpu/bin/vlad | grep 'not found'; then
+  echo "libraries missing (above): LD_LIBRARY_PATH=$LD_LIBRARY_PATH" >&2
+  exit 1
+fi
+
+echo "== parity on the GPU"
+export VLAD_TEST_DEVICE=cuda CARGO_MANIFEST_DIR="$PWD"
+timeout 120 .gpu/bin/engine_reference --test-threads 1 2>&1 | tee "$out/parity_reference.log" | tail -15
+[[ ${PIPESTATUS[0]} == 0 ]] || status=1
+# the cli_ tests start the vlad binary of the build tree, which is not here
+timeout 120 .gpu/bin/engine_generation --test-threads 1 --nocapture --skip cli_ 2>&1 \
+  | tee "$out/parity_generation.log" | grep -E 'deviation|test result|panicked|FAILED|failed'
+[[ ${PIPESTATUS[0]} == 0 ]] || status=1
+unset VLAD_TEST_DEVICE CARGO_MANIFEST_DIR
+
+echo "== speed: vlad and the reference on this GPU, same run"
+PYTHONUNBUFFERED=1 timeout 330 python3 scripts/bench_vs_reference.py --vlad .gpu/bin/vlad --device cuda \
+  --tokenizer .gpu/tokenizer --sizes "$sizes" --dtypes bf16 --quantize '' --decode-tokens 64 --runs 3 \
+  --json-out "$out/bench.json" 2>&1 | tee "$out/bench.log" | grep -v '^{"size"'
+[[ ${PIPESTATUS[0]} == 0 ]] || status=1
+
+# where the GPU time goes: every kernel of one step at the largest size (one decode token),
+# timed by Nsight Compute and summed per kernel name
+ncu="$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | tail -1)"
+if [[ -n "$ncu" ]]; then
+  echo "== kernels of one ${sizes##*,} step (vision + prefill + 1 token), by GPU time"
+  timeout 150 "$ncu" --clock-control none --metrics gpu__time_duration.sum --csv --log-file "$out/ncu.csv" \
+    .gpu/bin/vlad bench --config 2b --tokenizer .gpu/tokenizer --device cuda --dtype bf16 \
+    --sizes "${sizes##*,}" --decode-tokens 1 --runs 0 > "$out/ncu-bench.txt" 2>&1
+  python3 - "$out/ncu.csv" <<'PY' | tee "$out/kernels.txt"
+import collections, csv, sys
+lines = open(sys.argv[1]).read().splitlines()
+start = next((i for i, l in enumerate(lines) if l.startswith('"ID"')), None)
+if start is None:
+    sys.exit("no kernel rows in " + sys.argv[1])
+total, count = collections.Counter(), collections.Counter()
+for row in csv.DictReader(lines[start:]):
+    if row.get("Metric Name") == "gpu__time_duration.sum":
+        name = row["Kernel Name"].split("(")[0][:60]
+        total[name] += float(row["Metric Value"].replace(",", ""))
+        count[name] += 1
+all_ns = sum(total.values())
+print(f"{sum(count.values())} kernels, {all_ns / 1e6:.1f} ms of GPU time")
+for name, ns in total.most_common(25):
+    print(f"{ns / 1e6:9.3f} ms {100 * ns / all_ns:5.1f}% {count[name]:6d}x  {name}")
+PY
+fi
+exit $status
