@@ -49,7 +49,7 @@ toolkit_from_pypi() {
     ln -sfn lib "$dir/lib64"
     # link-time stand-in for the driver library: every entry point of cudarc's driver bindings
     local bindings
-    bindings="$(cargo metadata --format-version 1 | python3 -c '
+    bindings="$(cargo metadata --format-version 1 --features cuda 2>/dev/null | python3 -c '
 import json, os, sys
 for p in json.load(sys.stdin)["packages"]:
     if p["name"] == "cudarc":
