@@ -11,8 +11,9 @@
 # `--toolkit-from-pypi` assembles CUDA 13.0 from NVIDIA's wheels on PyPI (nvcc, headers, cuBLAS,
 # cuRAND, NVRTC) in $CUDA_PYPI_DIR (default ~/.cache/vlad-cuda-13.0). The driver library is not on
 # PyPI: a stub libcuda.so carrying the entry points cudarc binds to is generated for the link only;
-# at run time the machine's driver provides the real one. Kernels are compiled for
-# CUDA_COMPUTE_CAP (default 90: H100/H200).
+# at run time the machine's driver provides the real one (it must support CUDA 13: driver 580 or
+# newer), with cuBLAS/cuRAND/NVRTC 13 from a CUDA 13 install or the same wheels (PyTorch's cu130
+# builds carry them). Kernels are compiled for CUDA_COMPUTE_CAP (default 90: H100/H200).
 #
 #   scripts/build-cuda.sh                       # with the installed toolkit
 #   scripts/build-cuda.sh --toolkit-from-pypi   # no toolkit on this machine
