@@ -6,7 +6,8 @@
 #      (tests/engine_generation.rs, bf16/f16/q8_0 deviation printed) with VLAD_TEST_DEVICE=cuda;
 #   2. speed: `vlad bench --device cuda` and the reference (scripts/bench_reference.py) one after
 #      the other on the same GPU, same sizes, 2B shapes, bf16; scripts/bench_vs_reference.py prints
-#      the ratios last.
+#      the ratios;
+#   3. where the time goes: `vlad bench --profile` (phases) and Nsight Compute (kernels), if there.
 # Logs and JSON go to $OUT (or .gpu/out).
 #
 #   scripts/gpu-check.sh [SIZES]        # default 1280x720,1920x1080
@@ -47,6 +48,11 @@ PYTHONUNBUFFERED=1 timeout 330 python3 scripts/bench_vs_reference.py --vlad .gpu
   --tokenizer .gpu/tokenizer --sizes "$sizes" --dtypes bf16 --quantize '' --decode-tokens 64 --runs 3 \
   --json-out "$out/bench.json" 2>&1 | tee "$out/bench.log" | grep -v '^{"size"'
 [[ ${PIPESTATUS[0]} == 0 ]] || status=1
+
+# where the time goes, phase by phase (device drained around each: host and GPU time together)
+echo "== phases of a ${sizes##*,} step"
+timeout 120 .gpu/bin/vlad bench --config 2b --tokenizer .gpu/tokenizer --device cuda --dtype bf16 \
+  --sizes "${sizes##*,}" --decode-tokens 16 --runs 2 --profile 2>&1 | tee "$out/phases.txt" | head -40
 
 # where the GPU time goes: every kernel of one step at the largest size (one decode token),
 # timed by Nsight Compute and summed per kernel name

@@ -433,6 +433,69 @@ fn cli_bench_reports_one_row_per_size() {
     assert!(String::from_utf8_lossy(&bad.stderr).contains("WIDTHxHEIGHT"));
 }
 
+#[test]
+fn cli_bench_profile_times_every_phase_of_a_step() {
+    // tiny-a: 2 vision blocks, 2 decoder layers
+    let rows = bench_json(
+        "tiny-a",
+        &[
+            "--sizes",
+            "112x84",
+            "--decode-tokens",
+            "3",
+            "--dtype",
+            "f32",
+            "--runs",
+            "2",
+            "--profile",
+        ],
+    );
+    let row = &rows[0];
+    let phases: std::collections::HashMap<&str, (f64, f64)> = row["profile"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p["phase"].as_str().unwrap(),
+                (p["seconds"].as_f64().unwrap(), p["calls"].as_f64().unwrap()),
+            )
+        })
+        .collect();
+    let calls = |name: &str| {
+        phases
+            .get(name)
+            .unwrap_or_else(|| panic!("{name}: {row}"))
+            .1
+    };
+    // per run: one prefill and 3 decode steps (4 tokens, the last one not fed back)
+    assert_eq!(calls("vision.attention.attend"), 2.0);
+    assert_eq!(calls("vision.mlp"), 2.0);
+    assert_eq!(calls("text.attention.attend"), 2.0 * 4.0);
+    assert_eq!(calls("text.mlp.gate_up"), 2.0 * 4.0);
+    assert_eq!(calls("text.lm_head"), 4.0);
+    assert_eq!(calls("sampling"), 4.0);
+    assert!(phases.contains_key("other"), "{row}");
+    // the phases and `other` add up to the step as the runs took it (vision, prefill, decode and
+    // the processing around them)
+    let total: f64 = phases.values().map(|(s, _)| s).sum();
+    let timed = row["vision_s"].as_f64().unwrap() + row["prefill_s"].as_f64().unwrap();
+    assert!(total >= timed * 0.99, "{total} vs {timed}: {row}");
+    // plain runs carry no profile
+    let plain = bench_json(
+        "tiny-a",
+        &[
+            "--sizes",
+            "112x84",
+            "--decode-tokens",
+            "1",
+            "--dtype",
+            "f32",
+        ],
+    );
+    assert!(plain[0].get("profile").is_none(), "{plain}");
+}
+
 /// Runs `prompt` on `model` and on a freshly loaded copy; both must agree.
 fn assert_same_as_fresh(
     model: &mut Qwen2Vl,

@@ -53,6 +53,11 @@ pub struct BenchArgs {
     /// One JSON list of rows on stdout instead of a table.
     #[arg(long)]
     json: bool,
+    /// Also time every phase of the engine (attention, MLP, norms, ...) over the timed runs and
+    /// print the breakdown per size. The device is drained around each phase, so on a GPU these
+    /// runs are slower than plain ones.
+    #[arg(long)]
+    profile: bool,
 }
 
 fn parse_size(s: &str) -> anyhow::Result<(u32, u32)> {
@@ -115,6 +120,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         sizes,
         decode_tokens: args.decode_tokens,
         runs: args.runs,
+        profile: args.profile,
     };
     let json = args.json;
     let mut stdout = std::io::stdout().lock();
@@ -206,6 +212,21 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 row.step_s,
                 rss
             );
+            if let Some(phases) = &row.profile {
+                let total: f64 = phases.iter().map(|p| p.seconds).sum();
+                let _ = writeln!(stdout, "{:>10} per run: {total:.3} s", "phases");
+                for p in phases {
+                    let _ = writeln!(
+                        stdout,
+                        "{:>10} {:>28} {:>9.4} s {:>5.1}% {:>8} calls",
+                        "",
+                        p.phase,
+                        p.seconds,
+                        100.0 * p.seconds / total.max(1e-12),
+                        p.calls
+                    );
+                }
+            }
         }
     })?;
     if json {

@@ -11,6 +11,7 @@ use serde::Serialize;
 
 use super::device_memory;
 use super::error::{EngineError, Result};
+use super::profile;
 use super::{GenerationOptions, Message, Part, Prompt, Qwen2Vl};
 
 /// What to measure.
@@ -22,6 +23,17 @@ pub struct BenchOptions {
     pub decode_tokens: usize,
     /// Timed runs per size after one warm-up run (medians are reported); 0 = the warm-up only.
     pub runs: usize,
+    /// Also time every phase of the engine ([`profile`]) over the timed runs.
+    pub profile: bool,
+}
+
+/// One phase of a profiled size, per timed run.
+#[derive(Debug, Clone, Serialize)]
+pub struct PhaseRow {
+    /// A phase of [`profile`], or `other` for the time no phase covers.
+    pub phase: String,
+    pub seconds: f64,
+    pub calls: f64,
 }
 
 /// One size's measurements.
@@ -45,6 +57,10 @@ pub struct BenchRow {
     /// `decode_weight_bytes` × tokens/s: the memory bandwidth decoding achieves.
     pub decode_gb_per_s: f64,
     pub timed_runs: usize,
+    /// With [`BenchOptions::profile`]: seconds and calls per timed run of every phase, largest
+    /// first (the device drained around each phase, so these runs are slower on a GPU).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub profile: Option<Vec<PhaseRow>>,
 }
 
 /// A deterministic screenshot-like picture: title bar, sidebar, rows of text-like bars, buttons.
@@ -86,6 +102,31 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
+/// The recorded phases per run, largest first, and `other`: the time of the runs no phase covers.
+fn phase_rows(
+    phases: Vec<(&'static str, profile::Phase)>,
+    total_s: f64,
+    runs: usize,
+) -> Vec<PhaseRow> {
+    let runs = runs as f64;
+    let covered: f64 = phases.iter().map(|(_, p)| p.seconds).sum();
+    let mut rows: Vec<PhaseRow> = phases
+        .into_iter()
+        .map(|(name, p)| PhaseRow {
+            phase: name.to_string(),
+            seconds: p.seconds / runs,
+            calls: p.calls as f64 / runs,
+        })
+        .collect();
+    rows.push(PhaseRow {
+        phase: "other".into(),
+        seconds: (total_s - covered).max(0.0) / runs,
+        calls: 0.0,
+    });
+    rows.sort_by(|a, b| b.seconds.total_cmp(&a.seconds));
+    rows
+}
+
 /// Measures every size; `on_row` sees each row as soon as it is done.
 pub fn run(
     model: &mut Qwen2Vl,
@@ -117,17 +158,29 @@ pub fn run(
         let (mut vision, mut prefill, mut decode) = (Vec::new(), Vec::new(), Vec::new());
         let mut last = None;
         device_memory::reset_peak(model.device());
+        let mut profiled_s = 0.0;
+        profile::set_enabled(options.profile);
         for run in 0..=options.runs {
+            if run == 1 {
+                // the warm-up's phases are not part of the profile
+                profile::take();
+            }
             let start = Instant::now();
             let out = model.generate(&prompt, &generation, |_| {})?;
-            tracing::info!(size = %format!("{w}x{h}"), run, seconds = start.elapsed().as_secs_f64(), "bench run");
+            let seconds = start.elapsed().as_secs_f64();
+            tracing::info!(size = %format!("{w}x{h}"), run, seconds, "bench run");
             if run > 0 || options.runs == 0 {
+                profiled_s += seconds;
                 vision.push(out.timings.vision_s);
                 prefill.push(out.timings.prefill_s);
                 decode.push(out.timings.decode_tokens_per_s);
             }
             last = Some(out);
         }
+        profile::set_enabled(false);
+        let phases = options
+            .profile
+            .then(|| phase_rows(profile::take(), profiled_s, options.runs.max(1)));
         let Some(out) = last else { continue };
         let grid = out.image_grid_thw.first().copied().unwrap_or([0, 0, 0]);
         let (vision_s, prefill_s, rate) = (median(vision), median(prefill), median(decode));
@@ -152,6 +205,7 @@ pub fn run(
             decode_weight_bytes,
             decode_gb_per_s: decode_weight_bytes as f64 * rate / 1e9,
             timed_runs: options.runs.max(1),
+            profile: phases,
         };
         on_row(&row);
         rows.push(row);

@@ -19,6 +19,7 @@ pub mod linear;
 mod matvec;
 pub mod prefix;
 pub mod processor;
+pub mod profile;
 pub mod prompt;
 pub mod random;
 pub mod rope_index;
@@ -490,14 +491,18 @@ impl Qwen2Vl {
 
         let prefill_start = Instant::now();
         let tail = &ids[reused..];
-        let embeds = self.input_embeddings(tail, image_embeds.as_ref(), video_embeds.as_ref())?;
+        let embeds = profile::phase("embeddings", &self.device, || {
+            self.input_embeddings(tail, image_embeds.as_ref(), video_embeds.as_ref())
+        })?;
         let rows = &prepared.positions.rows;
-        let rope = text::mrope_tables(
-            &self.config.text,
-            [&rows[0][reused..], &rows[1][reused..], &rows[2][reused..]],
-            self.dtype,
-            &self.device,
-        )?;
+        let rope = profile::phase("rope_tables", &self.device, || {
+            text::mrope_tables(
+                &self.config.text,
+                [&rows[0][reused..], &rows[1][reused..], &rows[2][reused..]],
+                self.dtype,
+                &self.device,
+            )
+        })?;
         let mut logits = self.text.forward(&embeds, &rope)?;
         self.device.synchronize()?;
         let prefill_s = prefill_start.elapsed().as_secs_f64();
@@ -514,7 +519,8 @@ impl Qwen2Vl {
                 finish = FinishReason::Cancelled;
                 break;
             }
-            let token = sampler.next(&logits, &context)?;
+            let token =
+                profile::phase("sampling", &self.device, || sampler.next(&logits, &context))?;
             generated.push(token);
             context.push(token);
             if !options.ignore_eos && self.eos_ids.contains(&token) {
@@ -530,15 +536,18 @@ impl Qwen2Vl {
                 break;
             }
             let position = (self.text.cached_len() as i64) + prepared.positions.delta;
-            let rope = text::mrope_tables(
-                &self.config.text,
-                [&[position], &[position], &[position]],
-                self.dtype,
-                &self.device,
-            )?;
-            let embed = self
-                .text
-                .embed(&Tensor::new(&[token], &self.device)?.unsqueeze(0)?)?;
+            let rope = profile::phase("rope_tables", &self.device, || {
+                text::mrope_tables(
+                    &self.config.text,
+                    [&[position], &[position], &[position]],
+                    self.dtype,
+                    &self.device,
+                )
+            })?;
+            let embed = profile::phase("embeddings", &self.device, || {
+                self.text
+                    .embed(&Tensor::new(&[token], &self.device)?.unsqueeze(0)?)
+            })?;
             logits = self.text.forward(&embed, &rope)?;
             fed.push(token);
         }

@@ -9,6 +9,7 @@ use super::linear::{GatedLinear, Linear, Quantization, WeightLayer};
 
 use super::attention;
 use super::config::TextConfig;
+use super::profile;
 
 /// Keys and values of one layer for the positions seen so far, `(1, len, kv_heads, head_dim)`,
 /// in a buffer that grows by doubling and can be cut back to a prefix (to reuse it across turns).
@@ -145,7 +146,8 @@ impl Attention {
         cache: &mut KvCache,
     ) -> candle_core::Result<Tensor> {
         let (b, s, _) = x.dims3()?;
-        let qkv = self.qkv_proj.forward(x)?;
+        let device = x.device();
+        let qkv = profile::phase("text.attention.qkv", device, || self.qkv_proj.forward(x))?;
         let (q_width, kv_width) = (
             self.num_heads * self.head_dim,
             self.num_kv_heads * self.head_dim,
@@ -155,16 +157,23 @@ impl Attention {
             qkv.narrow(2, start, heads * self.head_dim)?
                 .reshape((b, s, heads, self.head_dim))
         };
-        let q = split(0, self.num_heads)?;
-        let k = split(q_width, self.num_kv_heads)?;
-        let v = split(q_width + kv_width, self.num_kv_heads)?;
-        let q = candle_nn::rotary_emb::rope_thd(&q.contiguous()?, &rope.cos, &rope.sin)?;
-        let k = candle_nn::rotary_emb::rope_thd(&k.contiguous()?, &rope.cos, &rope.sin)?;
-        let (k, v) = cache.append(&k, &v)?;
+        let (q, k, v) = profile::phase("text.attention.rope_cache", device, || {
+            let q = split(0, self.num_heads)?;
+            let k = split(q_width, self.num_kv_heads)?;
+            let v = split(q_width + kv_width, self.num_kv_heads)?;
+            let q = candle_nn::rotary_emb::rope_thd(&q.contiguous()?, &rope.cos, &rope.sin)?;
+            let k = candle_nn::rotary_emb::rope_thd(&k.contiguous()?, &rope.cos, &rope.sin)?;
+            let (k, v) = cache.append(&k, &v)?;
+            Ok::<_, candle_core::Error>((q, k, v))
+        })?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let out = attention::causal(&q, &k, &v, scale)?;
-        self.o_proj
-            .forward(&out.reshape((b, s, self.num_heads * self.head_dim))?)
+        let out = profile::phase("text.attention.attend", device, || {
+            attention::causal(&q, &k, &v, scale)
+        })?;
+        profile::phase("text.attention.o_proj", device, || {
+            self.o_proj
+                .forward(&out.reshape((b, s, self.num_heads * self.head_dim))?)
+        })
     }
 }
 
@@ -204,12 +213,14 @@ impl DecoderLayer {
         rope: &RotaryTables,
         cache: &mut KvCache,
     ) -> candle_core::Result<Tensor> {
-        let h = self
-            .attn
-            .forward(&self.input_norm.forward(x)?, rope, cache)?;
-        let x = (x + h)?;
-        let n = self.post_norm.forward(&x)?;
-        x + self.down.forward(&self.gate_up.forward(&n)?)?
+        let device = x.device();
+        let normed = profile::phase("text.norm", device, || self.input_norm.forward(x))?;
+        let h = self.attn.forward(&normed, rope, cache)?;
+        let x = profile::phase("text.residual", device, || x + h)?;
+        let normed = profile::phase("text.norm", device, || self.post_norm.forward(&x))?;
+        let gated = profile::phase("text.mlp.gate_up", device, || self.gate_up.forward(&normed))?;
+        let h = profile::phase("text.mlp.down", device, || self.down.forward(&gated))?;
+        profile::phase("text.residual", device, || x + h)
     }
 }
 
@@ -347,10 +358,13 @@ impl TextModel {
         }
         let len = x.dim(1)?;
         let last = x.narrow(1, len - 1, 1)?;
-        let last = self.norm.forward(&last)?;
-        self.lm_head
-            .forward(&last)?
-            .flatten_all()?
-            .to_dtype(DType::F32)
+        let device = x.device();
+        let last = profile::phase("text.norm", device, || self.norm.forward(&last))?;
+        profile::phase("text.lm_head", device, || {
+            self.lm_head
+                .forward(&last)?
+                .flatten_all()?
+                .to_dtype(DType::F32)
+        })
     }
 }

@@ -8,6 +8,7 @@ use candle_nn::{LayerNorm, LayerNormConfig, VarBuilder};
 use super::attention;
 use super::config::VisionConfig;
 use super::linear::{Activation, Linear, WeightLayer};
+use super::profile;
 use super::rope_index::GridThw;
 
 const LAYER_NORM_EPS: f64 = 1e-6;
@@ -54,9 +55,8 @@ impl VisionAttention {
         frame_lens: &[usize],
     ) -> candle_core::Result<Tensor> {
         let (n, dim) = x.dims2()?;
-        let qkv = self
-            .qkv
-            .forward(x)?
+        let device = x.device();
+        let qkv = profile::phase("vision.attention.qkv", device, || self.qkv.forward(x))?
             .reshape((n, 3, self.num_heads, self.head_dim))?;
         // Rotary embeddings are applied in f32 and rounded back to the model's dtype, as the
         // reference does; attention then runs in that dtype (f32 sums).
@@ -66,13 +66,19 @@ impl VisionAttention {
                 .squeeze(0)?
                 .to_dtype(x.dtype())
         };
-        let q = rotate(qkv.i((.., 0))?)?;
-        let k = rotate(qkv.i((.., 1))?)?;
-        let v = qkv.i((.., 2))?.contiguous()?;
+        let (q, k, v) = profile::phase("vision.attention.rope", device, || {
+            Ok::<_, candle_core::Error>((
+                rotate(qkv.i((.., 0))?)?,
+                rotate(qkv.i((.., 1))?)?,
+                qkv.i((.., 2))?.contiguous()?,
+            ))
+        })?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let out = attention::block_diagonal(&q, &k, &v, frame_lens, scale)?;
+        let out = profile::phase("vision.attention.attend", device, || {
+            attention::block_diagonal(&q, &k, &v, frame_lens, scale)
+        })?;
         let out = out.reshape((n, dim))?;
-        self.proj.forward(&out)
+        profile::phase("vision.attention.proj", device, || self.proj.forward(&out))
     }
 }
 
@@ -104,13 +110,16 @@ impl VisionBlock {
         sin: &Tensor,
         frame_lens: &[usize],
     ) -> candle_core::Result<Tensor> {
-        let x = (x + self
-            .attn
-            .forward(&self.norm1.forward(x)?, cos, sin, frame_lens)?)?;
-        let h = self
-            .fc1
-            .forward_activated(&self.norm2.forward(&x)?, Activation::QuickGelu)?;
-        x + self.fc2.forward(&h)?
+        let device = x.device();
+        let normed = profile::phase("vision.norm", device, || self.norm1.forward(x))?;
+        let h = self.attn.forward(&normed, cos, sin, frame_lens)?;
+        let x = profile::phase("vision.residual", device, || x + h)?;
+        let normed = profile::phase("vision.norm", device, || self.norm2.forward(&x))?;
+        let h = profile::phase("vision.mlp", device, || {
+            self.fc2
+                .forward(&self.fc1.forward_activated(&normed, Activation::QuickGelu)?)
+        })?;
+        profile::phase("vision.residual", device, || x + h)
     }
 }
 
@@ -174,8 +183,12 @@ impl VisionTower {
                 self.cfg.patch_row_len()
             );
         }
-        let mut x = self.patch_embed.forward(&patches.to_dtype(self.dtype)?)?;
-        let (cos, sin) = self.rotary(grids, &device)?;
+        let mut x = profile::phase("vision.patch_embed", &device, || {
+            self.patch_embed.forward(&patches.to_dtype(self.dtype)?)
+        })?;
+        let (cos, sin) = profile::phase("vision.rope_tables", &device, || {
+            self.rotary(grids, &device)
+        })?;
         let frame_lens: Vec<usize> = grids
             .iter()
             .flat_map(|&[t, h, w]| std::iter::repeat_n(h * w, t))
@@ -184,11 +197,13 @@ impl VisionTower {
             x = block.forward(&x, &cos, &sin, &frame_lens)?;
         }
         let merge = self.cfg.spatial_merge_size * self.cfg.spatial_merge_size;
-        let x = self.merger_norm.forward(&x)?;
-        let x = x.reshape((n / merge, self.cfg.embed_dim * merge))?;
-        let x = self.merger_fc1.forward(&x)?;
-        let x = x.gelu_erf()?;
-        self.merger_fc2.forward(&x)
+        profile::phase("vision.merger", &device, || {
+            let x = self.merger_norm.forward(&x)?;
+            let x = x.reshape((n / merge, self.cfg.embed_dim * merge))?;
+            let x = self.merger_fc1.forward(&x)?;
+            let x = x.gelu_erf()?;
+            self.merger_fc2.forward(&x)
+        })
     }
 
     /// cos/sin of the 2-D rotary embedding, `(N, head_dim/2)` in f32, rows in patch order
