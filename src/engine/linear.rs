@@ -1,6 +1,6 @@
 //! The engine's linear layers (decoder and vision tower): dense weights (one-token inputs go
-//! through the bandwidth-bound [`super::matvec`] kernel, longer ones through a plain 2-D
-//! matmul), bf16 weights packed for the AVX512-BF16 [`super::gemm`] kernel where the CPU has it
+//! through the bandwidth-bound `matvec` kernel, longer ones through a plain 2-D
+//! matmul), bf16 weights packed for the AVX512-BF16 `gemm` kernel where the CPU has it
 //! ([`Linear::pack_for_cpu`]; candle's bf16 matmul widens to f32 and runs at a third of the
 //! speed), or quantized weights, which read 3.5–7× fewer bytes per decoded token than f32:
 //! `q8_0` (GGML's Q8_0 blocks, multiplied by our own kernel: in 8-bit against Q8_0-quantized

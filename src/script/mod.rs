@@ -1,4 +1,4 @@
-//! Scripted UI tests (`vlad test`): test files in plain language ([`file`]), run step by step
+//! Scripted UI tests (`vlad test`): test files in plain language ([`file`](mod@file)), run step by step
 //! against a desktop or Android app ([`target`]) — grounded steps locate their target with one
 //! `ground` call, assertions ask the model yes/no plus a box ([`assertion`]), explicit actions
 //! go straight to the environment — with the model's answers cached per step and screen

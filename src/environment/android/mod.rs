@@ -9,7 +9,7 @@
 //! `screencap -p` when the raw output cannot be decoded. Input is `input tap|swipe|keyevent|text`;
 //! text that `input text` cannot type (non-ASCII, a literal `%s`) goes through the ADBKeyboard IME's
 //! base64 broadcast, switching to that IME and back; without ADBKeyboard such text fails with a
-//! reason naming it, never silently dropped. Apps open with `monkey`; see [`apps`] for how names
+//! reason naming it, never silently dropped. Apps open with `monkey`; see the `apps` module for how names
 //! resolve to packages. Screenshot pixels are device pixels: scale 1, origin 0,0.
 //!
 //! Limits: screenshots use the `exec:` service (Android 5+); devices are selected with
