@@ -277,6 +277,7 @@ impl Qwen2Vl {
     pub fn config(&self) -> &ModelConfig {
         &self.config
     }
+
     /// Where the weights live and the work runs.
     pub fn device(&self) -> &Device {
         &self.device
