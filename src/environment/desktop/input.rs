@@ -2,7 +2,7 @@
 //!
 //! Points here are already input coordinates (see [`super::mapping`]).
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use enigo::{Axis, Button, Coordinate, Direction, Enigo, Key, Keyboard, Mouse, Settings};
 
@@ -105,16 +105,38 @@ impl<E: Keyboard + Mouse> Drop for Held<'_, E> {
     }
 }
 
+/// How long the keyboard mapping stays as it is after text outside the keyboard's layout was
+/// typed (see [`Input`]'s `Drop`).
+const MAPPED_KEYS_LINGER: Duration = Duration::from_millis(300);
+
 /// The input connection (enigo; any `Keyboard + Mouse` in the unit tests).
 pub(super) struct Input<E = Enigo> {
     enigo: E,
+    /// When text with characters beyond ASCII was last typed: X11 types those through keycodes
+    /// that enigo maps for the purpose and unmaps when the connection closes.
+    typed_unmapped: Option<Instant>,
 }
 
 impl Input<Enigo> {
     pub(super) fn new() -> Result<Self, InputError> {
         let enigo =
             Enigo::new(&Settings::default()).map_err(|e| InputError::Connect(e.to_string()))?;
-        Ok(Self { enigo })
+        Ok(Self {
+            enigo,
+            typed_unmapped: None,
+        })
+    }
+}
+
+impl<E> Drop for Input<E> {
+    /// An app looks a key event's keycode up in the keyboard mapping when it handles the event,
+    /// not when it was sent: closing the connection right after typing (`vlad do` exits) would
+    /// unmap the last characters' keycodes before a busy app has read them, and they would be
+    /// lost. So the mapping lingers briefly.
+    fn drop(&mut self) {
+        if let Some(typed) = self.typed_unmapped {
+            std::thread::sleep(MAPPED_KEYS_LINGER.saturating_sub(typed.elapsed()));
+        }
     }
 }
 
@@ -226,6 +248,9 @@ impl<E: Keyboard + Mouse> Input<E> {
             self.enigo
                 .text(run)
                 .map_err(sim(format!("typing {run:?}")))?;
+            if !run.is_ascii() {
+                self.typed_unmapped = Some(Instant::now());
+            }
             run.clear();
         }
         Ok(())
@@ -307,7 +332,24 @@ mod tests {
                 log: Vec::new(),
                 fail_at,
             },
+            typed_unmapped: None,
         }
+    }
+
+    #[test]
+    fn text_beyond_ascii_keeps_the_key_mapping_a_moment_before_the_connection_closes() {
+        let mut i = input(None);
+        i.type_text("hello\n").unwrap();
+        assert!(i.typed_unmapped.is_none());
+        let start = Instant::now();
+        drop(i);
+        assert!(start.elapsed() < Duration::from_millis(100));
+        let mut i = input(None);
+        i.type_text("héllo 世界").unwrap();
+        assert!(i.typed_unmapped.is_some());
+        let start = Instant::now();
+        drop(i);
+        assert!(start.elapsed() >= MAPPED_KEYS_LINGER - Duration::from_millis(50));
     }
 
     #[test]
