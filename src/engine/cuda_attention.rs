@@ -353,8 +353,8 @@ impl CustomOp2 for Scores {
             let (out_ptr, _out_guard) = element_ptr(&out, 0, &stream)?;
             // one query: the `rep` heads of a group are the columns of one product
             let (calls, columns, q_ld) = if s == 1 { (1, rep, d) } else { (rep, s, q_row) };
+            let (k_ptr, _k_guard) = element_ptr(k, kl.start_offset(), &stream)?;
             for r in 0..calls {
-                let (k_ptr, _k_guard) = element_ptr(k, kl.start_offset(), &stream)?;
                 let (q_ptr, _q_guard) = element_ptr(q, ql.start_offset() + r * d, &stream)?;
                 // column-major: scoresᵀ (T × S) = K (T × d, rows of k_row) · Qᵀ (d × S)
                 gemm(
@@ -436,8 +436,8 @@ impl CustomOp2 for Mix {
             } else {
                 (rep, s, heads * d)
             };
+            let (v_ptr, _v_guard) = element_ptr(v, vl.start_offset(), &stream)?;
             for r in 0..calls {
-                let (v_ptr, _v_guard) = element_ptr(v, vl.start_offset(), &stream)?;
                 let (p_ptr, _p_guard) = element_ptr(p, pl.start_offset() + r * s * t, &stream)?;
                 // column-major: outᵀ (d × S, rows of heads·d) = Vᵀ (d × T) · Pᵀ (T × S)
                 gemm(
