@@ -3,9 +3,10 @@
 //! matmul), bf16 weights packed for the AVX512-BF16 `gemm` kernel where the CPU has it
 //! ([`Linear::pack_for_cpu`]; candle's bf16 matmul widens to f32 and runs at a third of the
 //! speed), or quantized weights, which read 3.5–7× fewer bytes per decoded token than f32:
-//! `q8_0` (GGML's Q8_0 blocks, multiplied by our own kernel: in 8-bit against Q8_0-quantized
-//! activations where the CPU has AVX512-VNNI, as llama.cpp does, else with f32 activations) or `q4k`
-//! (GGML's Q4_K through candle's quantized matmul). Prompts of more than one token multiply with
+//! `q8_0` (GGML's Q8_0 blocks, on the CPU multiplied by our own kernel: in 8-bit against
+//! Q8_0-quantized activations where the CPU has AVX512-VNNI, as llama.cpp does, else with f32
+//! activations; on a GPU through candle's quantized matmul) or `q4k` (GGML's Q4_K through
+//! candle's quantized matmul on every device). Prompts of more than one token multiply with
 //! the dequantized weights, one layer at a time. Layers that read the same input are stacked
 //! into one ([`Linear::load_stacked`], [`GatedLinear`] for the MLP's gate and up), so a token
 //! reads them in one pass; [`WeightLayer`] is what the loader does with each layer.
@@ -188,6 +189,12 @@ impl Linear {
     }
 }
 
+/// `w` quantized to `format` on its device, for candle's quantized matmul.
+fn ggml_weight(w: &Tensor, format: Quantization) -> candle_core::Result<Weight> {
+    let q = Arc::new(QTensor::quantize(&w.to_dtype(DType::F32)?, format.ggml())?);
+    Ok(Weight::Ggml(q.clone(), QMatMul::from_arc(q)?))
+}
+
 impl WeightLayer for Linear {
     fn quantize(&mut self, format: Quantization) -> candle_core::Result<bool> {
         let Weight::Dense(w) = &self.weight else {
@@ -198,14 +205,13 @@ impl WeightLayer for Linear {
         }
         let (n, k) = w.dims2()?;
         self.weight = match format {
-            Quantization::Q8_0 => {
+            // our Q8_0 kernel is a CPU kernel: elsewhere Q8_0 goes through candle's quantized
+            // matmul on the device, like Q4_K
+            Quantization::Q8_0 if w.device().is_cpu() => {
                 let values: Vec<f32> = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
                 Weight::Int8(Arc::new(matvec::Int8Rows::quantize(&values, n, k)))
             }
-            Quantization::Q4K => {
-                let q = Arc::new(QTensor::quantize(&w.to_dtype(DType::F32)?, format.ggml())?);
-                Weight::Ggml(q.clone(), QMatMul::from_arc(q)?)
-            }
+            Quantization::Q8_0 | Quantization::Q4K => ggml_weight(w, format)?,
         };
         Ok(true)
     }
@@ -498,19 +504,38 @@ mod tests {
         let dense = Linear::new(w.clone(), None);
         let exact = dense.forward(&x).unwrap();
         let scale = max_abs(&exact);
-        for (format, tolerance, max_bytes) in [
-            (Quantization::Q8_0, 0.02, 64 * 256 * 9 / 8),
-            (Quantization::Q4K, 0.15, 64 * 256 * 5 / 8),
+        // Q8_0 through candle's quantized matmul is what a GPU gets; built here on the CPU
+        let candle_q8_0 = Linear {
+            weight: ggml_weight(&w, Quantization::Q8_0).unwrap(),
+            bias: None,
+        };
+        for (name, format, tolerance, max_bytes) in [
+            ("q8_0", Some(Quantization::Q8_0), 0.02, 64 * 256 * 9 / 8),
+            ("q4k", Some(Quantization::Q4K), 0.15, 64 * 256 * 5 / 8),
+            ("candle's q8_0", None, 0.02, 64 * 256 * 9 / 8),
         ] {
-            let mut q = dense.clone();
-            assert!(q.quantize(format).unwrap());
+            let q = match format {
+                Some(format) => {
+                    let mut q = dense.clone();
+                    assert!(q.quantize(format).unwrap());
+                    q
+                }
+                None => candle_q8_0.clone(),
+            };
             assert!(
                 q.weight_bytes() <= max_bytes,
-                "{format}: {}",
+                "{name}: {}",
                 q.weight_bytes()
             );
-            let diff = max_abs(&(q.forward(&x).unwrap() - &exact).unwrap());
-            assert!(diff / scale < tolerance, "{format}: {diff} of {scale}");
+            for rows in [1, 3] {
+                let x = x.repeat((1, rows, 1)).unwrap();
+                let want = exact.repeat((1, rows, 1)).unwrap();
+                let diff = max_abs(&(q.forward(&x).unwrap() - &want).unwrap());
+                assert!(
+                    diff / scale < tolerance,
+                    "{name}, {rows} rows: {diff} of {scale}"
+                );
+            }
         }
     }
 

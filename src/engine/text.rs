@@ -290,13 +290,6 @@ impl TextModel {
                 "{dense} linear layer(s) stay dense: their rows do not divide into {format} blocks"
             );
         }
-        if quantize == Some(Quantization::Q8_0) && !model_vb.device().is_cpu() {
-            tracing::warn!(
-                "q8_0 weights are kept in the CPU kernel's format: on {:?} every product \
-                 dequantizes them on the host (slow); q4k runs on the device",
-                model_vb.device()
-            );
-        }
         Ok(Self {
             embed,
             layers,
