@@ -187,6 +187,44 @@ impl Linear {
             _ => activation.apply(&self.forward(x)?),
         }
     }
+
+    /// `residual + (x · Wᵀ + b)`, a residual connection: the layer's output is rounded to the
+    /// model's dtype before the sum, as with two separate ops (the same bits), but where the
+    /// layer is packed the sum happens in the kernel's rounding step instead of another pass.
+    pub fn forward_plus(&self, x: &Tensor, residual: &Tensor) -> candle_core::Result<Tensor> {
+        if let Weight::PackedBf16(w, bias) = &self.weight
+            && residual.dtype() == DType::BF16
+            && residual.device().is_cpu()
+        {
+            let expected: Vec<usize> = x
+                .dims()
+                .iter()
+                .take(x.rank().saturating_sub(1))
+                .copied()
+                .chain([w.n()])
+                .collect();
+            if residual.dims() != expected {
+                candle_core::bail!(
+                    "residual of shape {:?} for a layer output of shape {expected:?}",
+                    residual.dims()
+                );
+            }
+            let residual = residual.contiguous()?;
+            let (storage, layout) = residual.storage_and_layout();
+            let Storage::Cpu(CpuStorage::BF16(values)) = &*storage else {
+                candle_core::bail!("bf16 residual on a non-CPU device");
+            };
+            let r = &values[layout.start_offset()..layout.start_offset() + residual.elem_count()];
+            let bias = bias.as_deref().map(|b| b.as_slice());
+            return packed_bf16_into(x, w, bias, 1, |offset, sums, out| {
+                let r = &r[offset..offset + out.len()];
+                for ((o, &v), &r) in out.iter_mut().zip(sums).zip(r) {
+                    *o = bf16::from_f32(bf16::from_f32(v).to_f32() + r.to_f32());
+                }
+            });
+        }
+        residual + self.forward(x)?
+    }
 }
 
 /// `w` quantized to `format` on its device, for candle's quantized matmul.
@@ -380,7 +418,7 @@ impl WeightLayer for GatedLinear {
 /// [`GatedLinear`]'s packed path: `x · Wᵀ` with `W` interleaved per 32 rows, gated in f32.
 fn packed_bf16_gated(x: &Tensor, w: &PackedWeight) -> candle_core::Result<Tensor> {
     // two panels per thread: a gate block and its up block always land on the same thread
-    packed_bf16_into(x, w, None, 2, |sums, out| {
+    packed_bf16_into(x, w, None, 2, |_, sums, out| {
         for (out, pair) in out.chunks_mut(GATE_BLOCK).zip(sums.chunks(2 * GATE_BLOCK)) {
             let (gate, up) = pair.split_at(GATE_BLOCK);
             for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
@@ -397,7 +435,7 @@ fn packed_bf16(
     bias: Option<&[f32]>,
     activation: Option<Activation>,
 ) -> candle_core::Result<Tensor> {
-    packed_bf16_into(x, w, bias, 1, |sums, out| match activation {
+    packed_bf16_into(x, w, bias, 1, |_, sums, out| match activation {
         Some(act) => {
             for (o, &v) in out.iter_mut().zip(sums) {
                 *o = bf16::from_f32(act.apply_f32(v));
@@ -412,14 +450,15 @@ fn packed_bf16(
 }
 
 /// `x (.., in) · wᵀ + bias` through the packed kernel, threads taking `group` panels at a time,
-/// made a bf16 tensor of `n / group` columns by `finish(sums, out)`: each thread calls it with
-/// the f32 sums of its columns of one row and the matching `1 / group` share of that row's output.
+/// made a bf16 tensor of `n / group` columns by `finish(offset, sums, out)`: each thread calls
+/// it with the f32 sums of its columns of one row and the matching `1 / group` share of that
+/// row's output, which starts at `offset` in the row-major output.
 fn packed_bf16_into(
     x: &Tensor,
     w: &PackedWeight,
     bias: Option<&[f32]>,
     group: usize,
-    finish: impl Fn(&[f32], &mut [bf16]) + Sync,
+    finish: impl Fn(usize, &[f32], &mut [bf16]) + Sync,
 ) -> candle_core::Result<Tensor> {
     let (n, k) = (w.n(), w.k());
     if x.dtype() != DType::BF16 || x.dim(candle_core::D::Minus1)? != k {
@@ -452,8 +491,9 @@ fn packed_bf16_into(
         group,
         |row, first, values| {
             // SAFETY: each thread finishes only its own columns of `out` (rows × width).
-            let out = unsafe { dst.slice(row * width + first / group, values.len() / group) };
-            finish(values, out);
+            let offset = row * width + first / group;
+            let out = unsafe { dst.slice(offset, values.len() / group) };
+            finish(offset, values, out);
         },
     );
     Tensor::from_vec(out, dims, &Device::Cpu)
@@ -537,6 +577,44 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn a_residual_in_the_packed_kernel_gives_the_bits_of_a_separate_add() {
+        let bf16_randn = |shape: &[usize]| {
+            Tensor::randn(0f32, 1.0, shape, &Device::Cpu)
+                .unwrap()
+                .to_dtype(DType::BF16)
+                .unwrap()
+        };
+        let mut packed = Linear::new(bf16_randn(&[96, 64]), Some(bf16_randn(&[96])));
+        packed.pack_for_cpu().unwrap();
+        if !matches!(packed.weight, Weight::PackedBf16(..)) {
+            eprintln!("this CPU lacks AVX512-BF16: the packed layer is not used here");
+            return;
+        }
+        let bits = |t: &Tensor| -> Vec<u16> {
+            t.flatten_all()
+                .unwrap()
+                .to_vec1::<bf16>()
+                .unwrap()
+                .iter()
+                .map(|v| v.to_bits())
+                .collect()
+        };
+        for rows in [1, 13, 40] {
+            let x = bf16_randn(&[2, rows, 64]);
+            // residuals much larger than the layer's output, so a missed rounding shows
+            let residual = (bf16_randn(&[2, rows, 96]) * 30.0).unwrap();
+            let fused = packed.forward_plus(&x, &residual).unwrap();
+            let separate = (&residual + packed.forward(&x).unwrap()).unwrap();
+            assert_eq!(fused.dims(), &[2, rows, 96]);
+            assert_eq!(bits(&fused), bits(&separate), "rows {rows}");
+        }
+        let err = packed
+            .forward_plus(&bf16_randn(&[3, 64]), &bf16_randn(&[3, 64]))
+            .unwrap_err();
+        assert!(err.to_string().contains("[3, 64]"), "{err}");
     }
 
     #[test]

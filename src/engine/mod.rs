@@ -27,6 +27,7 @@ pub mod sampling;
 pub mod text;
 pub mod vision;
 mod vision_cache;
+mod vision_rope;
 mod weight_buffer;
 pub mod weights;
 

@@ -139,9 +139,11 @@ impl Attention {
         })
     }
 
-    fn forward(
+    /// `residual + attention(x)`.
+    fn forward_plus(
         &self,
         x: &Tensor,
+        residual: &Tensor,
         rope: &RotaryTables,
         cache: &mut KvCache,
     ) -> candle_core::Result<Tensor> {
@@ -171,8 +173,10 @@ impl Attention {
             attention::causal(&q, &k, &v, scale)
         })?;
         profile::phase("text.attention.o_proj", device, || {
-            self.o_proj
-                .forward(&out.reshape((b, s, self.num_heads * self.head_dim))?)
+            self.o_proj.forward_plus(
+                &out.reshape((b, s, self.num_heads * self.head_dim))?,
+                residual,
+            )
         })
     }
 }
@@ -215,12 +219,12 @@ impl DecoderLayer {
     ) -> candle_core::Result<Tensor> {
         let device = x.device();
         let normed = profile::phase("text.norm", device, || self.input_norm.forward(x))?;
-        let h = self.attn.forward(&normed, rope, cache)?;
-        let x = profile::phase("text.residual", device, || x + h)?;
+        let x = self.attn.forward_plus(&normed, x, rope, cache)?;
         let normed = profile::phase("text.norm", device, || self.post_norm.forward(&x))?;
         let gated = profile::phase("text.mlp.gate_up", device, || self.gate_up.forward(&normed))?;
-        let h = profile::phase("text.mlp.down", device, || self.down.forward(&gated))?;
-        profile::phase("text.residual", device, || x + h)
+        profile::phase("text.mlp.down", device, || {
+            self.down.forward_plus(&gated, &x)
+        })
     }
 }
 

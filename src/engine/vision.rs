@@ -10,6 +10,7 @@ use super::config::VisionConfig;
 use super::linear::{Activation, Linear, WeightLayer};
 use super::profile;
 use super::rope_index::GridThw;
+use super::vision_rope;
 
 const LAYER_NORM_EPS: f64 = 1e-6;
 const VISION_ROPE_THETA: f32 = 10_000.0;
@@ -47,9 +48,11 @@ impl VisionAttention {
         })
     }
 
-    fn forward(
+    /// `residual + attention(x)`.
+    fn forward_plus(
         &self,
         x: &Tensor,
+        residual: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
         frame_lens: &[usize],
@@ -67,6 +70,9 @@ impl VisionAttention {
                 .to_dtype(x.dtype())
         };
         let (q, k, v) = profile::phase("vision.attention.rope", device, || {
+            if let Some(qkv) = vision_rope::split_rotated(&qkv, cos, sin)? {
+                return Ok(qkv);
+            }
             Ok::<_, candle_core::Error>((
                 rotate(qkv.i((.., 0))?)?,
                 rotate(qkv.i((.., 1))?)?,
@@ -78,7 +84,9 @@ impl VisionAttention {
             attention::block_diagonal(&q, &k, &v, frame_lens, scale)
         })?;
         let out = out.reshape((n, dim))?;
-        profile::phase("vision.attention.proj", device, || self.proj.forward(&out))
+        profile::phase("vision.attention.proj", device, || {
+            self.proj.forward_plus(&out, residual)
+        })
     }
 }
 
@@ -112,14 +120,12 @@ impl VisionBlock {
     ) -> candle_core::Result<Tensor> {
         let device = x.device();
         let normed = profile::phase("vision.norm", device, || self.norm1.forward(x))?;
-        let h = self.attn.forward(&normed, cos, sin, frame_lens)?;
-        let x = profile::phase("vision.residual", device, || x + h)?;
+        let x = self.attn.forward_plus(&normed, x, cos, sin, frame_lens)?;
         let normed = profile::phase("vision.norm", device, || self.norm2.forward(&x))?;
-        let h = profile::phase("vision.mlp", device, || {
-            self.fc2
-                .forward(&self.fc1.forward_activated(&normed, Activation::QuickGelu)?)
-        })?;
-        profile::phase("vision.residual", device, || x + h)
+        profile::phase("vision.mlp", device, || {
+            let h = self.fc1.forward_activated(&normed, Activation::QuickGelu)?;
+            self.fc2.forward_plus(&h, &x)
+        })
     }
 }
 
