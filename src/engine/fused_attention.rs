@@ -46,6 +46,12 @@ pub trait Element: Copy + Send + Sync + 'static {
     );
     fn from_f32(x: f32) -> Self;
     fn to_f32(self) -> f32;
+    /// `dst[i] = from_f32(src[i] · scale)` (round to nearest even, as `from_f32`).
+    fn round_scaled(src: &[f32], scale: f32, dst: &mut [Self]) {
+        for (d, &x) in dst.iter_mut().zip(src) {
+            *d = Self::from_f32(x * scale);
+        }
+    }
     const ZERO: Self;
 }
 
@@ -92,6 +98,16 @@ impl Element for bf16 {
     }
     fn from_f32(x: f32) -> bf16 {
         bf16::from_f32(x)
+    }
+    fn round_scaled(src: &[f32], scale: f32, dst: &mut [bf16]) {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: AVX-512F was detected just above.
+            return unsafe { round_scaled_bf16_avx512(src, scale, dst) };
+        }
+        for (d, &x) in dst.iter_mut().zip(src) {
+            *d = bf16::from_f32(x * scale);
+        }
     }
     fn to_f32(self) -> f32 {
         // bf16 is the upper half of an f32: widening is a shift, which vectorises
@@ -184,24 +200,18 @@ pub fn attend<T: Element>(q: &[T], k: &[T], v: &[T], shape: AttentionShape) -> O
                     Some(offset) => (offset + q0 + i + 1).min(t),
                     None => t,
                 };
-                let row = &mut scores[i * width..i * width + visible];
-                softmax_in_place(&mut row[..limit], shape.scale);
-                for (p, x) in probs[i * width..i * width + limit]
-                    .iter_mut()
-                    .zip(&row[..limit])
-                {
-                    *p = T::from_f32(*x);
-                }
+                let row = &mut scores[i * width..i * width + limit];
+                let inv_sum = 1.0 / exp_shifted(row, max_of(row), shape.scale);
+                T::round_scaled(row, inv_sum, &mut probs[i * width..i * width + limit]);
             }
             head_out.clear();
             head_out.resize(m * d, 0.0);
             T::matmul(values, probs, m, width, head_out, d, d, visible);
             for i in 0..m {
                 let dst = (q0 + i) * heads * d + h * d;
-                for j in 0..d {
-                    // SAFETY: (row q0+i, head h) is written by this task only, inside `out`.
-                    unsafe { *out_ptr.at(dst + j) = T::from_f32(head_out[i * d + j]) };
-                }
+                // SAFETY: (row q0+i, head h) is written by this task only, inside `out`.
+                let dst = unsafe { std::slice::from_raw_parts_mut(out_ptr.at(dst), d) };
+                T::round_scaled(&head_out[i * d..(i + 1) * d], 1.0, dst);
             }
         },
     );
@@ -257,9 +267,68 @@ fn attend_one_query<T: Element>(q: &[T], k: &[T], v: &[T], shape: AttentionShape
     per_head.into_iter().flatten().map(T::from_f32).collect()
 }
 
+/// The largest value of `row` (NaN-free scores).
+fn max_of(row: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: AVX-512F was detected just above.
+        return unsafe { max_avx512(row) };
+    }
+    row.iter().copied().fold(f32::NEG_INFINITY, f32::max)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn max_avx512(row: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let whole = row.len() / 16 * 16;
+    let mut max = f32::NEG_INFINITY;
+    unsafe {
+        let mut acc = _mm512_set1_ps(f32::NEG_INFINITY);
+        let p = row.as_ptr();
+        let mut i = 0;
+        while i < whole {
+            acc = _mm512_max_ps(acc, _mm512_loadu_ps(p.add(i)));
+            i += 16;
+        }
+        max = max.max(_mm512_reduce_max_ps(acc));
+    }
+    row[whole..].iter().copied().fold(max, f32::max)
+}
+
+/// [`Element::round_scaled`] for bf16, sixteen lanes at a time: round to nearest even on the
+/// bits (`(x + 0x7fff + lsb) >> 16`), which is what `bf16::from_f32` does for every finite value.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn round_scaled_bf16_avx512(src: &[f32], scale: f32, dst: &mut [bf16]) {
+    use std::arch::x86_64::{
+        _mm256_storeu_si256, _mm512_add_epi32, _mm512_and_si512, _mm512_castps_si512,
+        _mm512_cvtepi32_epi16, _mm512_loadu_ps, _mm512_mul_ps, _mm512_set1_epi32, _mm512_set1_ps,
+        _mm512_srli_epi32,
+    };
+    let len = src.len().min(dst.len());
+    let whole = len / 16 * 16;
+    unsafe {
+        let vscale = _mm512_set1_ps(scale);
+        let (bias, one) = (_mm512_set1_epi32(0x7fff), _mm512_set1_epi32(1));
+        let (s, d) = (src.as_ptr(), dst.as_mut_ptr());
+        let mut i = 0;
+        while i < whole {
+            let x = _mm512_castps_si512(_mm512_mul_ps(_mm512_loadu_ps(s.add(i)), vscale));
+            let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(x), one);
+            let rounded = _mm512_srli_epi32::<16>(_mm512_add_epi32(x, _mm512_add_epi32(bias, lsb)));
+            _mm256_storeu_si256(d.add(i).cast(), _mm512_cvtepi32_epi16(rounded));
+            i += 16;
+        }
+    }
+    for (d, &x) in dst[whole..len].iter_mut().zip(&src[whole..len]) {
+        *d = bf16::from_f32(x * scale);
+    }
+}
+
 /// `row ← softmax(row · scale)`, computed in f32 with the maximum subtracted first.
 fn softmax_in_place(row: &mut [f32], scale: f32) {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let max = max_of(row);
     let sum = exp_shifted(row, max, scale);
     let inv = 1.0 / sum;
     for x in row.iter_mut() {
@@ -339,4 +408,41 @@ fn exp_avx512(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
         _mm512_add_ps(r, _mm512_set1_ps(1.0)),
     );
     _mm512_scalef_ps(y, n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vector_rounding_to_bf16_gives_the_bits_of_from_f32() {
+        // halfway cases both ways, tiny and subnormal values, large ones, and a ragged tail
+        let mut src: Vec<f32> = (0..1000)
+            .map(|i| f32::from_bits(0x3f80_0000 + i * 0x8000 + (i % 3) * 0x4000))
+            .collect();
+        src.extend([1e-40, -1e-40, 3.0e38, -0.0, 0.0, 1.0 + f32::EPSILON * 64.0]);
+        for scale in [1.0, 0.37, 1.0 / 3.0] {
+            let mut fast = vec![bf16::ZERO; src.len()];
+            bf16::round_scaled(&src, scale, &mut fast);
+            for (i, (&x, f)) in src.iter().zip(&fast).enumerate() {
+                let want = bf16::from_f32(x * scale);
+                assert_eq!(
+                    f.to_bits(),
+                    want.to_bits(),
+                    "value {i} ({x}) at scale {scale}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn max_of_finds_the_largest_anywhere() {
+        for len in [1, 15, 16, 17, 100] {
+            for at in [0, len / 2, len - 1] {
+                let mut row: Vec<f32> = (0..len).map(|i| -(i as f32)).collect();
+                row[at] = 5.0;
+                assert_eq!(max_of(&row), 5.0, "len {len}, at {at}");
+            }
+        }
+    }
 }
