@@ -10,6 +10,7 @@ use rayon::prelude::*;
 
 use super::gemm::{PackedWeight, Strides};
 use super::matvec;
+use super::vector_math::{self, exp_shifted, max_of};
 use super::weight_buffer::Placement;
 
 /// The scores of one block of queries stay under this many f32 values (256 KiB: L2).
@@ -100,14 +101,7 @@ impl Element for bf16 {
         bf16::from_f32(x)
     }
     fn round_scaled(src: &[f32], scale: f32, dst: &mut [bf16]) {
-        #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: AVX-512F was detected just above.
-            return unsafe { round_scaled_bf16_avx512(src, scale, dst) };
-        }
-        for (d, &x) in dst.iter_mut().zip(src) {
-            *d = bf16::from_f32(x * scale);
-        }
+        vector_math::round_to_bf16(src, scale, dst)
     }
     fn to_f32(self) -> f32 {
         // bf16 is the upper half of an f32: widening is a shift, which vectorises
@@ -267,65 +261,6 @@ fn attend_one_query<T: Element>(q: &[T], k: &[T], v: &[T], shape: AttentionShape
     per_head.into_iter().flatten().map(T::from_f32).collect()
 }
 
-/// The largest value of `row` (NaN-free scores).
-fn max_of(row: &[f32]) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        // SAFETY: AVX-512F was detected just above.
-        return unsafe { max_avx512(row) };
-    }
-    row.iter().copied().fold(f32::NEG_INFINITY, f32::max)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn max_avx512(row: &[f32]) -> f32 {
-    use std::arch::x86_64::*;
-    let whole = row.len() / 16 * 16;
-    let mut max = f32::NEG_INFINITY;
-    unsafe {
-        let mut acc = _mm512_set1_ps(f32::NEG_INFINITY);
-        let p = row.as_ptr();
-        let mut i = 0;
-        while i < whole {
-            acc = _mm512_max_ps(acc, _mm512_loadu_ps(p.add(i)));
-            i += 16;
-        }
-        max = max.max(_mm512_reduce_max_ps(acc));
-    }
-    row[whole..].iter().copied().fold(max, f32::max)
-}
-
-/// [`Element::round_scaled`] for bf16, sixteen lanes at a time: round to nearest even on the
-/// bits (`(x + 0x7fff + lsb) >> 16`), which is what `bf16::from_f32` does for every finite value.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn round_scaled_bf16_avx512(src: &[f32], scale: f32, dst: &mut [bf16]) {
-    use std::arch::x86_64::{
-        _mm256_storeu_si256, _mm512_add_epi32, _mm512_and_si512, _mm512_castps_si512,
-        _mm512_cvtepi32_epi16, _mm512_loadu_ps, _mm512_mul_ps, _mm512_set1_epi32, _mm512_set1_ps,
-        _mm512_srli_epi32,
-    };
-    let len = src.len().min(dst.len());
-    let whole = len / 16 * 16;
-    unsafe {
-        let vscale = _mm512_set1_ps(scale);
-        let (bias, one) = (_mm512_set1_epi32(0x7fff), _mm512_set1_epi32(1));
-        let (s, d) = (src.as_ptr(), dst.as_mut_ptr());
-        let mut i = 0;
-        while i < whole {
-            let x = _mm512_castps_si512(_mm512_mul_ps(_mm512_loadu_ps(s.add(i)), vscale));
-            let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(x), one);
-            let rounded = _mm512_srli_epi32::<16>(_mm512_add_epi32(x, _mm512_add_epi32(bias, lsb)));
-            _mm256_storeu_si256(d.add(i).cast(), _mm512_cvtepi32_epi16(rounded));
-            i += 16;
-        }
-    }
-    for (d, &x) in dst[whole..len].iter_mut().zip(&src[whole..len]) {
-        *d = bf16::from_f32(x * scale);
-    }
-}
-
 /// `row ← softmax(row · scale)`, computed in f32 with the maximum subtracted first.
 fn softmax_in_place(row: &mut [f32], scale: f32) {
     let max = max_of(row);
@@ -333,116 +268,5 @@ fn softmax_in_place(row: &mut [f32], scale: f32) {
     let inv = 1.0 / sum;
     for x in row.iter_mut() {
         *x *= inv;
-    }
-}
-
-/// `x ← exp((x - max) · scale)`, returning the sum.
-fn exp_shifted(row: &mut [f32], max: f32, scale: f32) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        // SAFETY: AVX-512F was detected just above.
-        return unsafe { exp_shifted_avx512(row, max, scale) };
-    }
-    let mut sum = 0.0;
-    for x in row.iter_mut() {
-        *x = ((*x - max) * scale).exp();
-        sum += *x;
-    }
-    sum
-}
-
-/// [`exp_shifted`] sixteen lanes at a time: `exp(r + n·ln 2) = 2ⁿ · exp(r)` with `|r| ≤ ln 2 / 2`
-/// and Cephes' degree-6 polynomial for `exp(r)` (about 1 ulp).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn exp_shifted_avx512(row: &mut [f32], max: f32, scale: f32) -> f32 {
-    use std::arch::x86_64::*;
-    let whole = row.len() / 16 * 16;
-    let mut sum = 0.0f32;
-    unsafe {
-        let vmax = _mm512_set1_ps(max);
-        let vscale = _mm512_set1_ps(scale);
-        let mut acc = _mm512_setzero_ps();
-        let p = row.as_mut_ptr();
-        let mut i = 0;
-        while i < whole {
-            let x = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(p.add(i)), vmax), vscale);
-            let e = exp_avx512(x);
-            _mm512_storeu_ps(p.add(i), e);
-            acc = _mm512_add_ps(acc, e);
-            i += 16;
-        }
-        sum += _mm512_reduce_add_ps(acc);
-    }
-    for x in row[whole..].iter_mut() {
-        *x = ((*x - max) * scale).exp();
-        sum += *x;
-    }
-    sum
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-fn exp_avx512(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
-    use std::arch::x86_64::*;
-    let x = _mm512_max_ps(x, _mm512_set1_ps(-103.0));
-    let x = _mm512_min_ps(x, _mm512_set1_ps(88.72));
-    let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
-        _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)),
-    );
-    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_359_4), x);
-    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.121_944_4e-4), r);
-    let mut y = _mm512_set1_ps(1.987_569_1e-4);
-    for c in [
-        1.398_199_9e-3,
-        8.333_452e-3,
-        4.166_579_6e-2,
-        1.666_666_5e-1,
-        0.5,
-    ] {
-        y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(c));
-    }
-    let y = _mm512_fmadd_ps(
-        y,
-        _mm512_mul_ps(r, r),
-        _mm512_add_ps(r, _mm512_set1_ps(1.0)),
-    );
-    _mm512_scalef_ps(y, n)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn vector_rounding_to_bf16_gives_the_bits_of_from_f32() {
-        // halfway cases both ways, tiny and subnormal values, large ones, and a ragged tail
-        let mut src: Vec<f32> = (0..1000)
-            .map(|i| f32::from_bits(0x3f80_0000 + i * 0x8000 + (i % 3) * 0x4000))
-            .collect();
-        src.extend([1e-40, -1e-40, 3.0e38, -0.0, 0.0, 1.0 + f32::EPSILON * 64.0]);
-        for scale in [1.0, 0.37, 1.0 / 3.0] {
-            let mut fast = vec![bf16::ZERO; src.len()];
-            bf16::round_scaled(&src, scale, &mut fast);
-            for (i, (&x, f)) in src.iter().zip(&fast).enumerate() {
-                let want = bf16::from_f32(x * scale);
-                assert_eq!(
-                    f.to_bits(),
-                    want.to_bits(),
-                    "value {i} ({x}) at scale {scale}"
-                );
-            }
-        }
-    }
-
-    #[test]
-    fn max_of_finds_the_largest_anywhere() {
-        for len in [1, 15, 16, 17, 100] {
-            for at in [0, len / 2, len - 1] {
-                let mut row: Vec<f32> = (0..len).map(|i| -(i as f32)).collect();
-                row[at] = 5.0;
-                assert_eq!(max_of(&row), 5.0, "len {len}, at {at}");
-            }
-        }
     }
 }

@@ -22,6 +22,7 @@ use half::bf16;
 
 use super::gemm::{Kernel, PackedWeight, SharedOut, Strides};
 use super::matvec;
+use super::vector_math;
 use super::weight_buffer::Placement;
 
 /// A quantized weight format for the language model's linear layers.
@@ -87,9 +88,10 @@ pub enum Activation {
 }
 
 impl Activation {
-    fn apply_f32(self, x: f32) -> f32 {
+    /// `dst = bf16(activation(src))`.
+    fn apply_to_bf16(self, src: &[f32], dst: &mut [bf16]) {
         match self {
-            Self::QuickGelu => x / (1.0 + (-1.702 * x).exp()),
+            Self::QuickGelu => vector_math::quick_gelu_to_bf16(src, dst),
         }
     }
 
@@ -217,10 +219,7 @@ impl Linear {
             let r = &values[layout.start_offset()..layout.start_offset() + residual.elem_count()];
             let bias = bias.as_deref().map(|b| b.as_slice());
             return packed_bf16_into(x, w, bias, 1, |offset, sums, out| {
-                let r = &r[offset..offset + out.len()];
-                for ((o, &v), &r) in out.iter_mut().zip(sums).zip(r) {
-                    *o = bf16::from_f32(bf16::from_f32(v).to_f32() + r.to_f32());
-                }
+                vector_math::add_rounded_to_bf16(sums, &r[offset..offset + out.len()], out)
             });
         }
         residual + self.forward(x)?
@@ -421,9 +420,7 @@ fn packed_bf16_gated(x: &Tensor, w: &PackedWeight) -> candle_core::Result<Tensor
     packed_bf16_into(x, w, None, 2, |_, sums, out| {
         for (out, pair) in out.chunks_mut(GATE_BLOCK).zip(sums.chunks(2 * GATE_BLOCK)) {
             let (gate, up) = pair.split_at(GATE_BLOCK);
-            for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
-                *o = bf16::from_f32(g / (1.0 + (-g).exp()) * u);
-            }
+            vector_math::silu_gate_to_bf16(gate, up, out);
         }
     })
 }
@@ -436,16 +433,8 @@ fn packed_bf16(
     activation: Option<Activation>,
 ) -> candle_core::Result<Tensor> {
     packed_bf16_into(x, w, bias, 1, |_, sums, out| match activation {
-        Some(act) => {
-            for (o, &v) in out.iter_mut().zip(sums) {
-                *o = bf16::from_f32(act.apply_f32(v));
-            }
-        }
-        None => {
-            for (o, &v) in out.iter_mut().zip(sums) {
-                *o = bf16::from_f32(v);
-            }
-        }
+        Some(act) => act.apply_to_bf16(sums, out),
+        None => vector_math::round_to_bf16(sums, 1.0, out),
     })
 }
 

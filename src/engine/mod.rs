@@ -25,6 +25,7 @@ pub mod random;
 pub mod rope_index;
 pub mod sampling;
 pub mod text;
+mod vector_math;
 pub mod vision;
 mod vision_cache;
 mod vision_rope;

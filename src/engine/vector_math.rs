@@ -1,0 +1,365 @@
+//! Elementwise f32 helpers of the CPU kernels, sixteen lanes at a time with AVX-512 where the
+//! CPU has it (scalar otherwise): the softmax's max and shifted exp, and the rounding passes
+//! that turn a kernel's f32 sums into bf16 — plain, through the vision MLP's quick-GELU, through
+//! the decoder MLP's SiLU gate, or as a residual sum. Rounding is to nearest even on the bits,
+//! `(x + 0x7fff + lsb) >> 16`, which is what `bf16::from_f32` does for every finite value; the
+//! vector exp is within about 1 ulp of libm's.
+
+use half::bf16;
+
+/// The largest value of `row` (NaN-free scores).
+pub fn max_of(row: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: AVX-512F was detected just above.
+        return unsafe { max_avx512(row) };
+    }
+    row.iter().copied().fold(f32::NEG_INFINITY, f32::max)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn max_avx512(row: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let whole = row.len() / 16 * 16;
+    let mut max = f32::NEG_INFINITY;
+    unsafe {
+        let mut acc = _mm512_set1_ps(f32::NEG_INFINITY);
+        let p = row.as_ptr();
+        let mut i = 0;
+        while i < whole {
+            acc = _mm512_max_ps(acc, _mm512_loadu_ps(p.add(i)));
+            i += 16;
+        }
+        max = max.max(_mm512_reduce_max_ps(acc));
+    }
+    row[whole..].iter().copied().fold(max, f32::max)
+}
+
+/// `dst[i] = bf16(src[i] · scale)`, rounded to nearest even as `bf16::from_f32`.
+pub fn round_to_bf16(src: &[f32], scale: f32, dst: &mut [bf16]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: AVX-512F was detected just above.
+        return unsafe { round_scaled_bf16_avx512(src, scale, dst) };
+    }
+    for (d, &x) in dst.iter_mut().zip(src) {
+        *d = bf16::from_f32(x * scale);
+    }
+}
+
+/// [`round_to_bf16`] sixteen lanes at a time.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn round_scaled_bf16_avx512(src: &[f32], scale: f32, dst: &mut [bf16]) {
+    use std::arch::x86_64::{_mm512_loadu_ps, _mm512_mul_ps, _mm512_set1_ps};
+    let len = src.len().min(dst.len());
+    let whole = len / 16 * 16;
+    unsafe {
+        let vscale = _mm512_set1_ps(scale);
+        let (s, d) = (src.as_ptr(), dst.as_mut_ptr());
+        let mut i = 0;
+        while i < whole {
+            let x = _mm512_mul_ps(_mm512_loadu_ps(s.add(i)), vscale);
+            store_bf16(d.add(i), x);
+            i += 16;
+        }
+    }
+    for (d, &x) in dst[whole..len].iter_mut().zip(&src[whole..len]) {
+        *d = bf16::from_f32(x * scale);
+    }
+}
+
+/// `x ← exp((x - max) · scale)`, returning the sum.
+pub fn exp_shifted(row: &mut [f32], max: f32, scale: f32) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: AVX-512F was detected just above.
+        return unsafe { exp_shifted_avx512(row, max, scale) };
+    }
+    let mut sum = 0.0;
+    for x in row.iter_mut() {
+        *x = ((*x - max) * scale).exp();
+        sum += *x;
+    }
+    sum
+}
+
+/// [`exp_shifted`] sixteen lanes at a time: `exp(r + n·ln 2) = 2ⁿ · exp(r)` with `|r| ≤ ln 2 / 2`
+/// and Cephes' degree-6 polynomial for `exp(r)` (about 1 ulp).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn exp_shifted_avx512(row: &mut [f32], max: f32, scale: f32) -> f32 {
+    use std::arch::x86_64::*;
+    let whole = row.len() / 16 * 16;
+    let mut sum = 0.0f32;
+    unsafe {
+        let vmax = _mm512_set1_ps(max);
+        let vscale = _mm512_set1_ps(scale);
+        let mut acc = _mm512_setzero_ps();
+        let p = row.as_mut_ptr();
+        let mut i = 0;
+        while i < whole {
+            let x = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(p.add(i)), vmax), vscale);
+            let e = exp_avx512(x);
+            _mm512_storeu_ps(p.add(i), e);
+            acc = _mm512_add_ps(acc, e);
+            i += 16;
+        }
+        sum += _mm512_reduce_add_ps(acc);
+    }
+    for x in row[whole..].iter_mut() {
+        *x = ((*x - max) * scale).exp();
+        sum += *x;
+    }
+    sum
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+pub(crate) fn exp_avx512(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    let x = _mm512_max_ps(x, _mm512_set1_ps(-103.0));
+    let x = _mm512_min_ps(x, _mm512_set1_ps(88.72));
+    let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+        _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)),
+    );
+    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_359_4), x);
+    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.121_944_4e-4), r);
+    let mut y = _mm512_set1_ps(1.987_569_1e-4);
+    for c in [
+        1.398_199_9e-3,
+        8.333_452e-3,
+        4.166_579_6e-2,
+        1.666_666_5e-1,
+        0.5,
+    ] {
+        y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(c));
+    }
+    let y = _mm512_fmadd_ps(
+        y,
+        _mm512_mul_ps(r, r),
+        _mm512_add_ps(r, _mm512_set1_ps(1.0)),
+    );
+    _mm512_scalef_ps(y, n)
+}
+
+/// Rounds sixteen f32 lanes to bf16 (nearest even) and stores them at `dst`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn store_bf16(dst: *mut bf16, x: std::arch::x86_64::__m512) {
+    use std::arch::x86_64::*;
+    let x = _mm512_castps_si512(x);
+    let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(x), _mm512_set1_epi32(1));
+    let bias = _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb);
+    let rounded = _mm512_srli_epi32::<16>(_mm512_add_epi32(x, bias));
+    // SAFETY: the caller hands sixteen writable values at `dst`.
+    unsafe { _mm256_storeu_si256(dst.cast(), _mm512_cvtepi32_epi16(rounded)) };
+}
+
+/// Sixteen bf16 values at `src` widened to f32.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn load_bf16(src: *const bf16) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    // SAFETY: the caller hands sixteen readable values at `src`.
+    let raw = unsafe { _mm256_loadu_si256(src.cast()) };
+    _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(raw)))
+}
+
+/// `x · sigmoid(1.702 · x)` on sixteen lanes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn quick_gelu_avx512(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    let e = exp_avx512(_mm512_mul_ps(x, _mm512_set1_ps(-1.702)));
+    _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.0), e))
+}
+
+/// `silu(g) · u = g · u / (1 + exp(-g))` on sixteen lanes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn silu_gate_avx512(
+    g: std::arch::x86_64::__m512,
+    u: std::arch::x86_64::__m512,
+) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    let e = exp_avx512(_mm512_sub_ps(_mm512_setzero_ps(), g));
+    _mm512_mul_ps(_mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0), e)), u)
+}
+
+/// `x · sigmoid(1.702 · x)`, the vision MLP's activation, in f32.
+pub fn quick_gelu(x: f32) -> f32 {
+    x / (1.0 + (-1.702 * x).exp())
+}
+
+/// `silu(g) · u` in f32.
+pub fn silu_gate(g: f32, u: f32) -> f32 {
+    g / (1.0 + (-g).exp()) * u
+}
+
+/// `dst[i] = bf16(quick_gelu(src[i]))`.
+pub fn quick_gelu_to_bf16(src: &[f32], dst: &mut [bf16]) {
+    let len = src.len().min(dst.len());
+    let mut whole = 0;
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        whole = len / 16 * 16;
+        // SAFETY: AVX-512F was detected just above; every access is below `whole`.
+        unsafe {
+            for i in (0..whole).step_by(16) {
+                let x = std::arch::x86_64::_mm512_loadu_ps(src.as_ptr().add(i));
+                store_bf16(dst.as_mut_ptr().add(i), quick_gelu_avx512(x));
+            }
+        }
+    }
+    for (d, &x) in dst[whole..len].iter_mut().zip(&src[whole..len]) {
+        *d = bf16::from_f32(quick_gelu(x));
+    }
+}
+
+/// `dst[i] = bf16(silu(gate[i]) · up[i])`.
+pub fn silu_gate_to_bf16(gate: &[f32], up: &[f32], dst: &mut [bf16]) {
+    let len = gate.len().min(up.len()).min(dst.len());
+    let mut whole = 0;
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        whole = len / 16 * 16;
+        // SAFETY: AVX-512F was detected just above; every access is below `whole`.
+        unsafe {
+            use std::arch::x86_64::_mm512_loadu_ps;
+            for i in (0..whole).step_by(16) {
+                let g = _mm512_loadu_ps(gate.as_ptr().add(i));
+                let u = _mm512_loadu_ps(up.as_ptr().add(i));
+                store_bf16(dst.as_mut_ptr().add(i), silu_gate_avx512(g, u));
+            }
+        }
+    }
+    for ((d, &g), &u) in dst[whole..len]
+        .iter_mut()
+        .zip(&gate[whole..len])
+        .zip(&up[whole..len])
+    {
+        *d = bf16::from_f32(silu_gate(g, u));
+    }
+}
+
+/// `dst[i] = bf16(bf16(src[i]) + residual[i])`: a layer's output rounded, then the residual
+/// added and rounded again, as two separate bf16 ops would (the same bits).
+pub fn add_rounded_to_bf16(src: &[f32], residual: &[bf16], dst: &mut [bf16]) {
+    let len = src.len().min(residual.len()).min(dst.len());
+    let mut whole = 0;
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        whole = len / 16 * 16;
+        // SAFETY: AVX-512F was detected just above; every access is below `whole`. The first
+        // rounding goes through `dst` (written, then read back and overwritten).
+        unsafe {
+            use std::arch::x86_64::{_mm512_add_ps, _mm512_loadu_ps};
+            for i in (0..whole).step_by(16) {
+                let d = dst.as_mut_ptr().add(i);
+                store_bf16(d, _mm512_loadu_ps(src.as_ptr().add(i)));
+                let sum = _mm512_add_ps(load_bf16(d), load_bf16(residual.as_ptr().add(i)));
+                store_bf16(d, sum);
+            }
+        }
+    }
+    for ((d, &x), &r) in dst[whole..len]
+        .iter_mut()
+        .zip(&src[whole..len])
+        .zip(&residual[whole..len])
+    {
+        *d = bf16::from_f32(bf16::from_f32(x).to_f32() + r.to_f32());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vector_rounding_to_bf16_gives_the_bits_of_from_f32() {
+        // halfway cases both ways, tiny and subnormal values, large ones, and a ragged tail
+        let mut src: Vec<f32> = (0..1000)
+            .map(|i| f32::from_bits(0x3f80_0000 + i * 0x8000 + (i % 3) * 0x4000))
+            .collect();
+        src.extend([1e-40, -1e-40, 3.0e38, -0.0, 0.0, 1.0 + f32::EPSILON * 64.0]);
+        for scale in [1.0, 0.37, 1.0 / 3.0] {
+            let mut fast = vec![bf16::ZERO; src.len()];
+            round_to_bf16(&src, scale, &mut fast);
+            for (i, (&x, f)) in src.iter().zip(&fast).enumerate() {
+                let want = bf16::from_f32(x * scale);
+                assert_eq!(
+                    f.to_bits(),
+                    want.to_bits(),
+                    "value {i} ({x}) at scale {scale}"
+                );
+            }
+        }
+    }
+
+    fn ragged(len: usize) -> Vec<f32> {
+        (0..len)
+            .map(|i| ((i * 7919) % 1000) as f32 / 50.0 - 10.0)
+            .collect()
+    }
+
+    fn bf16_bits(values: &[bf16]) -> Vec<u16> {
+        values.iter().map(|v| v.to_bits()).collect()
+    }
+
+    #[test]
+    fn vector_quick_gelu_and_silu_gate_stay_within_one_bf16_step_of_the_scalar_ones() {
+        let (x, u) = (
+            ragged(1003),
+            ragged(1003).into_iter().rev().collect::<Vec<_>>(),
+        );
+        let mut gelu = vec![bf16::ZERO; x.len()];
+        quick_gelu_to_bf16(&x, &mut gelu);
+        let mut gated = vec![bf16::ZERO; x.len()];
+        silu_gate_to_bf16(&x, &u, &mut gated);
+        for i in 0..x.len() {
+            for (name, got, want) in [
+                ("quick_gelu", gelu[i], quick_gelu(x[i])),
+                ("silu_gate", gated[i], silu_gate(x[i], u[i])),
+            ] {
+                let (got, want) = (got.to_f32(), want);
+                // the vector exp is ~1 ulp of f32 off libm's: at most one bf16 step after rounding
+                assert!(
+                    (got - want).abs() <= want.abs() / 128.0 + 1e-30,
+                    "{name}({}) = {got}, want {want}",
+                    x[i]
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn residual_sum_gives_the_bits_of_two_separate_roundings() {
+        let x = ragged(1001);
+        let residual: Vec<bf16> = ragged(1001)
+            .iter()
+            .rev()
+            .map(|&r| bf16::from_f32(r * 37.0))
+            .collect();
+        let mut got = vec![bf16::ZERO; x.len()];
+        add_rounded_to_bf16(&x, &residual, &mut got);
+        let want: Vec<bf16> = x
+            .iter()
+            .zip(&residual)
+            .map(|(&x, r)| bf16::from_f32(bf16::from_f32(x).to_f32() + r.to_f32()))
+            .collect();
+        assert_eq!(bf16_bits(&got), bf16_bits(&want));
+    }
+
+    #[test]
+    fn max_of_finds_the_largest_anywhere() {
+        for len in [1, 15, 16, 17, 100] {
+            for at in [0, len / 2, len - 1] {
+                let mut row: Vec<f32> = (0..len).map(|i| -(i as f32)).collect();
+                row[at] = 5.0;
+                assert_eq!(max_of(&row), 5.0, "len {len}, at {at}");
+            }
+        }
+    }
+}
