@@ -323,11 +323,22 @@ mod tests {
             (30, 30, 6, 2, 16, Some(0)),
             (3, 50, 4, 1, 8, Some(47)),
             (1, 20, 2, 2, 8, Some(19)),
+            // several blocks of queries per head, each task narrower or wider than the one
+            // before on its thread: stale values in reused buffers must not leak in
+            (100, 2000, 2, 1, 8, Some(1900)),
         ];
         for (s, t, heads, kv_heads, d, offset) in cases {
             let q = rand((s, heads, d));
             let (k, v) = (rand((t, kv_heads, d)), rand((t, kv_heads, d)));
-            let Some(fast) = fused(&q, &k, &v, 0.2, offset).unwrap() else {
+            // on one thread the tasks share one set of scratch buffers
+            let one_thread = rayon::ThreadPoolBuilder::new()
+                .num_threads(1)
+                .build()
+                .unwrap();
+            let fused = |q: &Tensor, k: &Tensor, v: &Tensor, offset| {
+                one_thread.install(|| fused(q, k, v, 0.2, offset))
+            };
+            let Some(fast) = fused(&q, &k, &v, offset).unwrap() else {
                 eprintln!("no AVX-512 on this CPU: the fused kernel is not used here");
                 return;
             };
@@ -335,7 +346,7 @@ mod tests {
             let slow = matmul_attention(&q, &k_all, &v_all, 0.2, offset).unwrap();
             assert!(max_diff(&fast, &slow) < 1e-5, "f32 {s}x{t}");
             let bf = |x: &Tensor| x.to_dtype(DType::BF16).unwrap();
-            let fast = fused(&bf(&q), &bf(&k), &bf(&v), 0.2, offset)
+            let fast = fused(&bf(&q), &bf(&k), &bf(&v), offset)
                 .unwrap()
                 .expect("bf16 kernel where the f32 one runs");
             // the same inputs rounded to bf16, attended in f32

@@ -183,12 +183,14 @@ pub fn attend<T: Element>(q: &[T], k: &[T], v: &[T], shape: AttentionShape) -> O
                 None => t,
             };
             let width = visible.next_multiple_of(2);
-            scores.clear();
-            scores.resize(m * width, 0.0);
+            // buffers reused across tasks, grown but never cleared: the products overwrite
+            // every value read, and the probabilities' unused tails are zeroed row by row
+            grow(scores, m * width, 0.0);
+            let scores = &mut scores[..m * width];
             let q_rows = &q[q0 * heads * d + h * d..];
             T::matmul(keys, q_rows, m, heads * d, scores, width, visible, d);
-            probs.clear();
-            probs.resize(m * width, T::ZERO);
+            grow(probs, m * width, T::ZERO);
+            let probs = &mut probs[..m * width];
             for i in 0..m {
                 let limit = match shape.causal_offset {
                     Some(offset) => (offset + q0 + i + 1).min(t),
@@ -196,10 +198,12 @@ pub fn attend<T: Element>(q: &[T], k: &[T], v: &[T], shape: AttentionShape) -> O
                 };
                 let row = &mut scores[i * width..i * width + limit];
                 let inv_sum = 1.0 / exp_shifted(row, max_of(row), shape.scale);
-                T::round_scaled(row, inv_sum, &mut probs[i * width..i * width + limit]);
+                let probs_row = &mut probs[i * width..(i + 1) * width];
+                T::round_scaled(row, inv_sum, &mut probs_row[..limit]);
+                probs_row[limit..].fill(T::ZERO);
             }
-            head_out.clear();
-            head_out.resize(m * d, 0.0);
+            grow(head_out, m * d, 0.0);
+            let head_out = &mut head_out[..m * d];
             T::matmul(values, probs, m, width, head_out, d, d, visible);
             for i in 0..m {
                 let dst = (q0 + i) * heads * d + h * d;
@@ -210,6 +214,13 @@ pub fn attend<T: Element>(q: &[T], k: &[T], v: &[T], shape: AttentionShape) -> O
         },
     );
     Some(out)
+}
+
+/// Makes `buffer` at least `len` long (new values `fill`; old ones stay as they are).
+fn grow<T: Copy>(buffer: &mut Vec<T>, len: usize, fill: T) {
+    if buffer.len() < len {
+        buffer.resize(len, fill);
+    }
 }
 
 /// The output shared by the tasks, each writing its own (rows, head) cells.
