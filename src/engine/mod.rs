@@ -24,11 +24,11 @@ pub mod prompt;
 pub mod random;
 pub mod rope_index;
 pub mod sampling;
+mod split_rope;
 pub mod text;
 mod vector_math;
 pub mod vision;
 mod vision_cache;
-mod vision_rope;
 mod weight_buffer;
 pub mod weights;
 

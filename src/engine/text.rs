@@ -10,6 +10,7 @@ use super::linear::{GatedLinear, Linear, Quantization, WeightLayer};
 use super::attention;
 use super::config::TextConfig;
 use super::profile;
+use super::split_rope;
 
 /// Keys and values of one layer for the positions seen so far, `(1, len, kv_heads, head_dim)`,
 /// in a buffer that grows by doubling and can be cut back to a prefix (to reuse it across turns).
@@ -160,6 +161,18 @@ impl Attention {
                 .reshape((b, s, heads, self.head_dim))
         };
         let (q, k, v) = profile::phase("text.attention.rope_cache", device, || {
+            let heads = [self.num_heads, self.num_kv_heads, self.num_kv_heads];
+            if let Some((q, k, v)) =
+                split_rope::split_rotated(&qkv, heads, self.head_dim, &rope.cos, &rope.sin)?
+            {
+                let (q, k, v) = (
+                    q.reshape((b, s, self.num_heads, self.head_dim))?,
+                    k.reshape((b, s, self.num_kv_heads, self.head_dim))?,
+                    v.reshape((b, s, self.num_kv_heads, self.head_dim))?,
+                );
+                let (k, v) = cache.append(&k, &v)?;
+                return Ok((q, k, v));
+            }
             let q = split(0, self.num_heads)?;
             let k = split(q_width, self.num_kv_heads)?;
             let v = split(q_width + kv_width, self.num_kv_heads)?;

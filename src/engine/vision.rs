@@ -10,7 +10,7 @@ use super::config::VisionConfig;
 use super::linear::{Activation, Linear, WeightLayer};
 use super::profile;
 use super::rope_index::GridThw;
-use super::vision_rope;
+use super::split_rope;
 
 const LAYER_NORM_EPS: f64 = 1e-6;
 const VISION_ROPE_THETA: f32 = 10_000.0;
@@ -70,7 +70,9 @@ impl VisionAttention {
                 .to_dtype(x.dtype())
         };
         let (q, k, v) = profile::phase("vision.attention.rope", device, || {
-            if let Some(qkv) = vision_rope::split_rotated(&qkv, cos, sin)? {
+            let heads = [self.num_heads; 3];
+            let flat = qkv.reshape((n, 3 * dim))?;
+            if let Some(qkv) = split_rope::split_rotated(&flat, heads, self.head_dim, cos, sin)? {
                 return Ok(qkv);
             }
             Ok::<_, candle_core::Error>((

@@ -1,0 +1,210 @@
+//! Rotary embeddings on the CPU in one pass over a stacked q/k/v projection: q, k and v are
+//! split out of each row, q and k rotated (rotate-half layout, as candle's `rope_thd`), and all
+//! three written contiguous — where candle's ops take a copy per tensor, the rotation, and for
+//! the vision tower a widening and a rounding pass. Two arithmetics, each with the bits of the
+//! reference's order:
+//! - bf16 values with f32 tables (the vision tower): widened to f32, rotated, rounded once, as
+//!   the reference's `float()`, rotate, cast back;
+//! - values and tables in the same dtype (the decoder): every product and sum rounded to that
+//!   dtype, as bf16 ops in the reference (and candle's `rope_thd`) round them.
+
+use candle_core::{DType, Device, Result, Storage, Tensor, WithDType};
+use half::bf16;
+use rayon::prelude::*;
+
+/// Rotated q and k and a copy of v, `(n, heads[i], head_dim)` each, from `qkv` `(.., width)` with
+/// `width = (heads[0] + heads[1] + heads[2]) · head_dim` (q heads, then k, then v) and tables
+/// `cos`/`sin` `(n, head_dim / 2)`. `None` where this pass does not apply (another device, or
+/// dtypes other than bf16 with f32 or bf16 tables, or f32 with f32 tables): use candle's ops then.
+pub fn split_rotated(
+    qkv: &Tensor,
+    heads: [usize; 3],
+    head_dim: usize,
+    cos: &Tensor,
+    sin: &Tensor,
+) -> Result<Option<(Tensor, Tensor, Tensor)>> {
+    if !qkv.device().is_cpu() {
+        return Ok(None);
+    }
+    match (qkv.dtype(), cos.dtype()) {
+        (DType::BF16, DType::F32) => split::<bf16, f32>(qkv, heads, head_dim, cos, sin, |x, c| {
+            // the expressions of candle's `rope_thd` in f32, so the bits match it
+            let (x1, x2) = (x.0.to_f32(), x.1.to_f32());
+            (
+                bf16::from_f32(x1 * c.0 - x2 * c.1),
+                bf16::from_f32(x1 * c.1 + x2 * c.0),
+            )
+        }),
+        (DType::BF16, DType::BF16) => {
+            split::<bf16, bf16>(qkv, heads, head_dim, cos, sin, |x, c| {
+                // bf16 ops, each rounded: what candle's `rope_thd` does on bf16
+                (x.0 * c.0 - x.1 * c.1, x.0 * c.1 + x.1 * c.0)
+            })
+        }
+        (DType::F32, DType::F32) => split::<f32, f32>(qkv, heads, head_dim, cos, sin, |x, c| {
+            (x.0 * c.0 - x.1 * c.1, x.0 * c.1 + x.1 * c.0)
+        }),
+        _ => return Ok(None),
+    }
+    .map(Some)
+}
+
+/// [`split_rotated`] for values `T` and tables `C`; `rotate((x1, x2), (cos, sin))` gives the
+/// rotated pair.
+fn split<T: WithDType, C: WithDType>(
+    qkv: &Tensor,
+    heads: [usize; 3],
+    d: usize,
+    cos: &Tensor,
+    sin: &Tensor,
+    rotate: impl Fn((T, T), (C, C)) -> (T, T) + Sync,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let half = d / 2;
+    let widths = heads.map(|h| h * d);
+    let width: usize = widths.iter().sum();
+    let n = qkv.elem_count() / width.max(1);
+    let shape_ok = width > 0
+        && d % 2 == 0
+        && qkv.dims().last() == Some(&width)
+        && cos.dims() == [n, half]
+        && sin.dims() == [n, half];
+    if !shape_ok {
+        candle_core::bail!(
+            "rope: qkv {:?} for heads {heads:?} of {d} with cos {:?} and sin {:?}",
+            qkv.dims(),
+            cos.dims(),
+            sin.dims()
+        );
+    }
+    let qkv = qkv.contiguous()?;
+    let (storage, layout) = qkv.storage_and_layout();
+    let src = T::cpu_storage_as_slice(match &*storage {
+        Storage::Cpu(cpu) => cpu,
+        _ => candle_core::bail!("rope: expected a CPU tensor"),
+    })?;
+    let src = &src[layout.start_offset()..layout.start_offset() + qkv.elem_count()];
+    let cos: Vec<C> = cos.flatten_all()?.to_vec1()?;
+    let sin: Vec<C> = sin.flatten_all()?.to_vec1()?;
+    let [wq, wk, wv] = widths;
+    let (mut q, mut k, mut v) = (
+        vec![T::zero(); n * wq],
+        vec![T::zero(); n * wk],
+        vec![T::zero(); n * wv],
+    );
+    let rotate_heads = |src: &[T], dst: &mut [T], cos: &[C], sin: &[C]| {
+        for (src, dst) in src.chunks_exact(d).zip(dst.chunks_exact_mut(d)) {
+            let (x1, x2) = src.split_at(half);
+            let (d1, d2) = dst.split_at_mut(half);
+            for i in 0..half {
+                (d1[i], d2[i]) = rotate((x1[i], x2[i]), (cos[i], sin[i]));
+            }
+        }
+    };
+    q.par_chunks_mut(wq.max(1))
+        .zip(k.par_chunks_mut(wk.max(1)))
+        .zip(v.par_chunks_mut(wv.max(1)))
+        .enumerate()
+        .for_each(|(token, ((q, k), v))| {
+            let row = &src[token * width..(token + 1) * width];
+            let (cos, sin) = (
+                &cos[token * half..(token + 1) * half],
+                &sin[token * half..(token + 1) * half],
+            );
+            rotate_heads(&row[..wq], q, cos, sin);
+            rotate_heads(&row[wq..wq + wk], k, cos, sin);
+            v.copy_from_slice(&row[wq + wk..]);
+        });
+    let [hq, hk, hv] = heads;
+    Ok((
+        Tensor::from_vec(q, (n, hq, d), &Device::Cpu)?,
+        Tensor::from_vec(k, (n, hk, d), &Device::Cpu)?,
+        Tensor::from_vec(v, (n, hv, d), &Device::Cpu)?,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Rotation through candle's ops: widened to the tables' dtype, `rope_thd`, back to `dtype`.
+    fn with_candle_ops(t: Tensor, cos: &Tensor, sin: &Tensor, dtype: DType) -> Tensor {
+        let t = t.to_dtype(cos.dtype()).unwrap().unsqueeze(0).unwrap();
+        candle_nn::rotary_emb::rope_thd(&t.contiguous().unwrap(), cos, sin)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap()
+    }
+
+    fn bits(t: &Tensor) -> Vec<u32> {
+        let t = t.flatten_all().unwrap();
+        match t.dtype() {
+            DType::BF16 => t
+                .to_vec1::<bf16>()
+                .unwrap()
+                .iter()
+                .map(|v| v.to_bits() as u32)
+                .collect(),
+            _ => t
+                .to_vec1::<f32>()
+                .unwrap()
+                .iter()
+                .map(|v| v.to_bits())
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn one_pass_gives_the_bits_of_candles_ops_in_every_arithmetic() {
+        let (n, d) = (11, 16);
+        // (values, tables, heads): the vision tower's, and the decoder's with grouped kv heads
+        let cases = [
+            (DType::BF16, DType::F32, [3, 3, 3]),
+            (DType::BF16, DType::BF16, [6, 2, 2]),
+            (DType::F32, DType::F32, [6, 2, 2]),
+        ];
+        for (dtype, table_dtype, heads) in cases {
+            let width = heads.iter().sum::<usize>() * d;
+            let qkv = (Tensor::randn(0f32, 1.0, (1, n, width), &Device::Cpu).unwrap() * 20.0)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let angles = Tensor::randn(0f32, 3.0, (n, d / 2), &Device::Cpu).unwrap();
+            let (cos, sin) = (
+                angles.cos().unwrap().to_dtype(table_dtype).unwrap(),
+                angles.sin().unwrap().to_dtype(table_dtype).unwrap(),
+            );
+            let (q, k, v) = split_rotated(&qkv, heads, d, &cos, &sin).unwrap().unwrap();
+            let part = |start: usize, h: usize| {
+                qkv.narrow(2, start * d, h * d)
+                    .unwrap()
+                    .reshape((n, h, d))
+                    .unwrap()
+            };
+            let [hq, hk, hv] = heads;
+            let case = format!("{dtype:?} with {table_dtype:?} tables");
+            let want_q = with_candle_ops(part(0, hq), &cos, &sin, dtype);
+            let want_k = with_candle_ops(part(hq, hk), &cos, &sin, dtype);
+            assert_eq!(q.dims(), &[n, hq, d]);
+            assert_eq!(bits(&q), bits(&want_q), "q, {case}");
+            assert_eq!(bits(&k), bits(&want_k), "k, {case}");
+            assert_eq!(bits(&v), bits(&part(hq + hk, hv)), "v, {case}");
+        }
+    }
+
+    #[test]
+    fn other_dtypes_are_left_to_candle_and_bad_tables_are_refused() {
+        let qkv = Tensor::zeros((4, 48), DType::F16, &Device::Cpu).unwrap();
+        let cos = Tensor::zeros((4, 4), DType::F32, &Device::Cpu).unwrap();
+        assert!(
+            split_rotated(&qkv, [2, 2, 2], 8, &cos, &cos)
+                .unwrap()
+                .is_none()
+        );
+        let qkv = qkv.to_dtype(DType::BF16).unwrap();
+        let short = Tensor::zeros((3, 4), DType::F32, &Device::Cpu).unwrap();
+        let err = split_rotated(&qkv, [2, 2, 2], 8, &short, &short).unwrap_err();
+        assert!(err.to_string().contains("[3, 4]"), "{err}");
+    }
+}
