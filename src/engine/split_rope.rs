@@ -64,7 +64,7 @@ fn split<T: WithDType, C: WithDType>(
     let width: usize = widths.iter().sum();
     let n = qkv.elem_count() / width.max(1);
     let shape_ok = width > 0
-        && d % 2 == 0
+        && d.is_multiple_of(2)
         && qkv.dims().last() == Some(&width)
         && cos.dims() == [n, half]
         && sin.dims() == [n, half];
