@@ -8,7 +8,7 @@
 //! - values and tables in the same dtype (the decoder): every product and sum rounded to that
 //!   dtype, as bf16 ops in the reference (and candle's `rope_thd`) round them.
 
-use candle_core::{DType, Device, Result, Storage, Tensor, WithDType};
+use candle_core::{DType, Device, Layout, Result, Storage, Tensor, WithDType};
 use half::bf16;
 use rayon::prelude::*;
 
@@ -76,15 +76,16 @@ fn split<T: WithDType, C: WithDType>(
             sin.dims()
         );
     }
-    let qkv = qkv.contiguous()?;
-    let (storage, layout) = qkv.storage_and_layout();
-    let src = T::cpu_storage_as_slice(match &*storage {
-        Storage::Cpu(cpu) => cpu,
-        _ => candle_core::bail!("rope: expected a CPU tensor"),
-    })?;
-    let src = &src[layout.start_offset()..layout.start_offset() + qkv.elem_count()];
-    let cos: Vec<C> = cos.flatten_all()?.to_vec1()?;
-    let sin: Vec<C> = sin.flatten_all()?.to_vec1()?;
+    // read in place: the tables are the same for every layer, so no per-layer copies
+    let (qkv, cos, sin) = (qkv.contiguous()?, cos.contiguous()?, sin.contiguous()?);
+    let ((src, src_layout), (cos_s, cos_layout), (sin_s, sin_layout)) = (
+        qkv.storage_and_layout(),
+        cos.storage_and_layout(),
+        sin.storage_and_layout(),
+    );
+    let src: &[T] = cpu_values(&src, src_layout, n * width)?;
+    let cos: &[C] = cpu_values(&cos_s, cos_layout, n * half)?;
+    let sin: &[C] = cpu_values(&sin_s, sin_layout, n * half)?;
     let [wq, wk, wv] = widths;
     let (mut q, mut k, mut v) = (
         vec![T::zero(); n * wq],
@@ -120,6 +121,19 @@ fn split<T: WithDType, C: WithDType>(
         Tensor::from_vec(k, (n, hk, d), &Device::Cpu)?,
         Tensor::from_vec(v, (n, hv, d), &Device::Cpu)?,
     ))
+}
+
+/// The `len` values of a contiguous CPU tensor's storage, from its layout's start.
+fn cpu_values<'a, T: WithDType>(
+    storage: &'a Storage,
+    layout: &Layout,
+    len: usize,
+) -> Result<&'a [T]> {
+    let Storage::Cpu(cpu) = storage else {
+        candle_core::bail!("rope: expected a CPU tensor");
+    };
+    let values = T::cpu_storage_as_slice(cpu)?;
+    Ok(&values[layout.start_offset()..layout.start_offset() + len])
 }
 
 #[cfg(test)]
