@@ -1,9 +1,9 @@
 //! Attention on the CPU through the [`super::gemm`] kernel: for each head and block of queries,
 //! the scores against every visible key go into one small f32 buffer (never a heads × S × T
-//! tensor), are turned into probabilities in place (max-subtracted exp, vectorised) and are
-//! multiplied with the values. bf16 inputs multiply in bf16 with f32 sums, with the
-//! probabilities rounded to bf16 before the second product, as the reference's fused CPU kernel
-//! does; f32 stays f32 throughout.
+//! tensor), become max-subtracted exponentials (vectorised) and are multiplied with the values;
+//! each output row is divided by its sum at the end. bf16 inputs multiply in bf16 with f32 sums,
+//! with the exponentials rounded to bf16 before the second product, as PyTorch's CPU flash
+//! kernel does; f32 stays f32 throughout.
 
 use half::bf16;
 use rayon::prelude::*;
@@ -47,6 +47,9 @@ pub trait Element: Copy + Send + Sync + 'static {
     );
     fn from_f32(x: f32) -> Self;
     fn to_f32(self) -> f32;
+    /// `dst[i] = from_f32(exp((row[i] - max) · scale))`, returning the sum of the unrounded
+    /// exponentials (`row` may be overwritten).
+    fn exp_shifted_into(row: &mut [f32], max: f32, scale: f32, dst: &mut [Self]) -> f32;
     /// `dst[i] = from_f32(src[i] · scale)` (round to nearest even, as `from_f32`).
     fn round_scaled(src: &[f32], scale: f32, dst: &mut [Self]) {
         for (d, &x) in dst.iter_mut().zip(src) {
@@ -78,6 +81,11 @@ impl Element for f32 {
     fn to_f32(self) -> f32 {
         self
     }
+    fn exp_shifted_into(row: &mut [f32], max: f32, scale: f32, dst: &mut [f32]) -> f32 {
+        let sum = exp_shifted(row, max, scale);
+        dst.copy_from_slice(row);
+        sum
+    }
     const ZERO: f32 = 0.0;
 }
 
@@ -102,6 +110,9 @@ impl Element for bf16 {
     }
     fn round_scaled(src: &[f32], scale: f32, dst: &mut [bf16]) {
         vector_math::round_to_bf16(src, scale, dst)
+    }
+    fn exp_shifted_into(row: &mut [f32], max: f32, scale: f32, dst: &mut [bf16]) -> f32 {
+        vector_math::exp_shifted_to_bf16(row, max, scale, dst)
     }
     fn to_f32(self) -> f32 {
         // bf16 is the upper half of an f32: widening is a shift, which vectorises
@@ -171,8 +182,15 @@ pub fn attend<T: Element>(q: &[T], k: &[T], v: &[T], shape: AttentionShape) -> O
     let out_ptr = OutPtr(out.as_mut_ptr());
     let rep = heads / kv_heads;
     (0..heads * blocks).into_par_iter().for_each_init(
-        || (Vec::<f32>::new(), Vec::<T>::new(), Vec::<f32>::new()),
-        |(scores, probs, head_out), task| {
+        || {
+            (
+                Vec::<f32>::new(),
+                Vec::<T>::new(),
+                Vec::<f32>::new(),
+                Vec::<f32>::new(),
+            )
+        },
+        |(scores, probs, head_out, inv_sums), task| {
             let (h, block) = (task / blocks, task % blocks);
             let (keys, values) = &packed[h / rep];
             let q0 = block * rows;
@@ -191,15 +209,16 @@ pub fn attend<T: Element>(q: &[T], k: &[T], v: &[T], shape: AttentionShape) -> O
             T::matmul(keys, q_rows, m, heads * d, scores, width, visible, d);
             grow(probs, m * width, T::ZERO);
             let probs = &mut probs[..m * width];
+            grow(inv_sums, m, 0.0);
             for i in 0..m {
                 let limit = match shape.causal_offset {
                     Some(offset) => (offset + q0 + i + 1).min(t),
                     None => t,
                 };
                 let row = &mut scores[i * width..i * width + limit];
-                let inv_sum = 1.0 / exp_shifted(row, max_of(row), shape.scale);
                 let probs_row = &mut probs[i * width..(i + 1) * width];
-                T::round_scaled(row, inv_sum, &mut probs_row[..limit]);
+                let (max, scale) = (max_of(row), shape.scale);
+                inv_sums[i] = 1.0 / T::exp_shifted_into(row, max, scale, &mut probs_row[..limit]);
                 probs_row[limit..].fill(T::ZERO);
             }
             grow(head_out, m * d, 0.0);
@@ -209,7 +228,7 @@ pub fn attend<T: Element>(q: &[T], k: &[T], v: &[T], shape: AttentionShape) -> O
                 let dst = (q0 + i) * heads * d + h * d;
                 // SAFETY: (row q0+i, head h) is written by this task only, inside `out`.
                 let dst = unsafe { std::slice::from_raw_parts_mut(out_ptr.at(dst), d) };
-                T::round_scaled(&head_out[i * d..(i + 1) * d], 1.0, dst);
+                T::round_scaled(&head_out[i * d..(i + 1) * d], inv_sums[i], dst);
             }
         },
     );

@@ -357,38 +357,32 @@ impl PackedWeight {
             panic!("bf16 matmul on f32-packed weights");
         };
         let kp = self.k_padded;
-        if m <= MR {
-            // one row tile (decoding): stream each panel whole, A read in place
+        let Some(packed_a) = packed_a.filter(|_| m > MR) else {
+            // A read in place, each panel whole: one row tile (decoding), or a product on one
+            // thread (attention), where packing A would cost as much as the few panels it meets
             for p in p0..p1 {
                 let cols = NR.min(n_cols - p * NR);
-                let start = Start::Bias(bias.map(|b| &b[p * NR..p * NR + cols]));
-                // SAFETY: as in `run_f32`; `k_used` is even and pairs stay inside rows.
-                unsafe {
-                    tile_bf16(
-                        a.as_ptr() as *const u16,
-                        lda,
-                        m,
-                        panels[p * kp * NR..].as_ptr(),
-                        k_used / 2,
-                        c.0.add(p * NR),
-                        ldc,
-                        cols,
-                        start,
-                    )
-                };
+                for row in (0..m).step_by(MR) {
+                    let start = Start::Bias(bias.map(|b| &b[p * NR..p * NR + cols]));
+                    // SAFETY: as in `run_f32`; `k_used` is even and pairs stay inside rows.
+                    unsafe {
+                        tile_bf16(
+                            (a.as_ptr() as *const u16).add(row * lda),
+                            lda,
+                            MR.min(m - row),
+                            panels[p * kp * NR..].as_ptr(),
+                            k_used / 2,
+                            c.0.add(row * ldc + p * NR),
+                            ldc,
+                            cols,
+                            start,
+                        )
+                    };
+                }
             }
             return;
-        }
-        // A packed per row tile as [pair][row], so a tile reads one contiguous stream: once per
-        // product by the caller, or here
-        let local;
-        let packed_a = match packed_a {
-            Some(packed) => packed,
-            None => {
-                local = PackedRows::pack(a, m, lda, k_used, false);
-                &local
-            }
         };
+        // A packed per row tile as [pair][row] by the caller, so a tile reads one stream
         for k0 in (0..k_used).step_by(KC_BF16) {
             let pairs = KC_BF16.min(k_used - k0) / 2;
             for g0 in (p0..p1).step_by(NC_PANELS) {
@@ -662,6 +656,9 @@ unsafe fn tile_f32_rows<const R: usize>(
     }
 }
 
+/// A tile over A read in place (row stride `lda`). A panel with at most 16 columns (the last of
+/// an `n` such as attention's head size 80) runs on half the registers instead of multiplying
+/// 16 columns of padding.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16")]
 #[allow(clippy::too_many_arguments)]
@@ -676,30 +673,42 @@ unsafe fn tile_bf16(
     cols: usize,
     start: Start,
 ) {
-    match rows {
-        12 => unsafe { tile_bf16_rows::<12>(a, lda, b, pairs, c, ldc, cols, start) },
-        1 => unsafe { tile_bf16_one_row(a, b, pairs, c, cols, start) },
-        // SAFETY: the caller's contract on A and C, passed on to the padded tile.
-        r => unsafe {
-            padded_tile(
-                a,
-                lda,
-                r,
-                pairs * 2,
-                c,
-                ldc,
-                cols,
-                start,
-                |ta, tc, start| tile_bf16_rows::<12>(ta, pairs * 2, b, pairs, tc, NR, cols, start),
-            )
-        },
+    /// Twelve rows over the first `W` halves of the panel (in place, or on a padded copy).
+    unsafe fn twelve<const W: usize>(
+        a: *const u16,
+        lda: usize,
+        rows: usize,
+        (b, pairs): (*const u16, usize),
+        (c, ldc, cols): (*mut f32, usize, usize),
+        start: Start,
+    ) {
+        // SAFETY: the caller's contract on A and C, passed on (to the padded tile for fewer rows).
+        unsafe {
+            if rows == MR {
+                tile_bf16_rows::<MR, W>(a, lda, b, pairs, c, ldc, cols, start)
+            } else {
+                let kc = pairs * 2;
+                padded_tile(a, lda, rows, kc, c, ldc, cols, start, |ta, tc, start| {
+                    tile_bf16_rows::<MR, W>(ta, kc, b, pairs, tc, NR, cols, start)
+                })
+            }
+        }
+    }
+    // SAFETY: the caller's contract.
+    unsafe {
+        match (rows, cols) {
+            (1, _) => tile_bf16_one_row(a, b, pairs, c, cols, start),
+            (_, ..=16) => twelve::<1>(a, lda, rows, (b, pairs), (c, ldc, cols), start),
+            _ => twelve::<2>(a, lda, rows, (b, pairs), (c, ldc, cols), start),
+        }
     }
 }
 
+/// `R` rows of A in place over the first `W` sixteen-column halves of a panel.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn tile_bf16_rows<const R: usize>(
+unsafe fn tile_bf16_rows<const R: usize, const W: usize>(
     a: *const u16,
     lda: usize,
     b: *const u16,
@@ -711,39 +720,43 @@ unsafe fn tile_bf16_rows<const R: usize>(
 ) {
     use std::arch::x86_64::*;
     let (m0, m1) = lane_masks(cols);
+    let masks = [m0, m1];
     unsafe {
-        let mut acc = [[_mm512_setzero_ps(); 2]; R];
+        let mut acc = [[_mm512_setzero_ps(); W]; R];
         match start {
             Start::Bias(Some(bias)) => {
-                let b0 = _mm512_maskz_loadu_ps(m0, bias.as_ptr());
-                let b1 = _mm512_maskz_loadu_ps(m1, bias.as_ptr().add(16));
-                for row in acc.iter_mut() {
-                    *row = [b0, b1];
+                let mut first = [_mm512_setzero_ps(); W];
+                for (h, lanes) in first.iter_mut().enumerate() {
+                    *lanes = _mm512_maskz_loadu_ps(masks[h], bias.as_ptr().add(16 * h));
                 }
+                acc = [first; R];
             }
             Start::Bias(None) => {}
             Start::Accumulate => {
                 for (i, row) in acc.iter_mut().enumerate() {
-                    row[0] = _mm512_maskz_loadu_ps(m0, c.add(i * ldc));
-                    row[1] = _mm512_maskz_loadu_ps(m1, c.add(i * ldc + 16));
+                    for (h, lanes) in row.iter_mut().enumerate() {
+                        *lanes = _mm512_maskz_loadu_ps(masks[h], c.add(i * ldc + 16 * h));
+                    }
                 }
             }
         }
         for q in 0..pairs {
-            let w0: __m512bh =
-                std::mem::transmute(_mm512_loadu_si512(b.add(q * 2 * NR) as *const _));
-            let w1: __m512bh =
-                std::mem::transmute(_mm512_loadu_si512(b.add(q * 2 * NR + NR) as *const _));
+            let w: [__m512bh; W] = std::array::from_fn(|h| {
+                let half = _mm512_loadu_si512(b.add(q * 2 * NR + h * NR) as *const _);
+                std::mem::transmute::<__m512i, __m512bh>(half)
+            });
             for (i, row) in acc.iter_mut().enumerate() {
                 let pair = (a.add(i * lda + 2 * q) as *const i32).read_unaligned();
                 let x: __m512bh = std::mem::transmute(_mm512_set1_epi32(pair));
-                row[0] = _mm512_dpbf16_ps(row[0], x, w0);
-                row[1] = _mm512_dpbf16_ps(row[1], x, w1);
+                for (lanes, &wh) in row.iter_mut().zip(&w) {
+                    *lanes = _mm512_dpbf16_ps(*lanes, x, wh);
+                }
             }
         }
         for (i, row) in acc.iter().enumerate() {
-            _mm512_mask_storeu_ps(c.add(i * ldc), m0, row[0]);
-            _mm512_mask_storeu_ps(c.add(i * ldc + 16), m1, row[1]);
+            for (h, lanes) in row.iter().enumerate() {
+                _mm512_mask_storeu_ps(c.add(i * ldc + 16 * h), masks[h], *lanes);
+            }
         }
     }
 }
@@ -989,6 +1002,54 @@ mod tests {
                     .map(|kk| a[i * k + kk] as f64 * w[j * k + kk] as f64)
                     .sum();
                 assert!((out[i * cols + j] as f64 - want).abs() < 1e-4);
+            }
+        }
+    }
+
+    #[test]
+    fn serial_bf16_products_read_a_in_place_on_whole_and_half_panels() {
+        if !Kernel::detect().is_some_and(Kernel::has_bf16) {
+            return;
+        }
+        let (n, k) = (80, 40);
+        let w: Vec<bf16> = values(n * k, 6)
+            .iter()
+            .map(|&v| bf16::from_f32(v))
+            .collect();
+        let packed =
+            PackedWeight::pack_bf16(&w, n, k, Strides::row_major(k), Placement::Scratch).unwrap();
+        // (rows: one, a partial tile, tiles and a rest; columns: whole panels, a half panel
+        // after whole ones, a half panel alone, 18 columns after a whole panel; k: all, fewer)
+        for (m, cols, k_used) in [
+            (1, 80, 40),
+            (5, 37, 26),
+            (26, 80, 40),
+            (24, 16, 40),
+            (13, 50, 12),
+        ] {
+            let lda = k + 3;
+            let a: Vec<bf16> = values(m * lda, 7)
+                .iter()
+                .map(|&v| bf16::from_f32(v))
+                .collect();
+            let ldc = cols + 2;
+            let mut out = vec![f32::NAN; m * ldc];
+            packed.matmul_bf16_serial(&a, m, lda, &mut out, ldc, cols, k_used);
+            for i in 0..m {
+                for j in 0..cols {
+                    let want: f64 = (0..k_used)
+                        .map(|kk| a[i * lda + kk].to_f64() * w[j * k + kk].to_f64())
+                        .sum();
+                    let got = out[i * ldc + j] as f64;
+                    assert!(
+                        (got - want).abs() < 1e-4,
+                        "{m}x{cols}x{k_used} ({i},{j}): {got}"
+                    );
+                }
+                assert!(
+                    out[i * ldc + cols].is_nan(),
+                    "{m}x{cols}: wrote past the columns"
+                );
             }
         }
     }
