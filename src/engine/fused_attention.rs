@@ -8,15 +8,13 @@
 use half::bf16;
 use rayon::prelude::*;
 
-use super::gemm::{PackedWeight, Strides};
+use super::gemm::{self, PackedWeight, Strides};
 use super::matvec;
 use super::vector_math::{self, exp_shifted, max_of};
 use super::weight_buffer::Placement;
 
 /// The scores of one block of queries stay under this many f32 values (256 KiB: L2).
 const SCORE_BLOCK: usize = 64 * 1024;
-/// Query rows per block are a multiple of the kernel's row tile.
-const ROW_TILE: usize = 12;
 
 /// Shapes of one attention call: `q` is `(s, heads, d)`, `k` and `v` are `(t, kv_heads, d)`,
 /// all contiguous. With `causal_offset`, query `i` sees keys `0..=i + offset`.
@@ -173,10 +171,11 @@ pub fn attend<T: Element>(q: &[T], k: &[T], v: &[T], shape: AttentionShape) -> O
         })
         .collect::<Option<Vec<_>>>()?;
 
+    let row_tile = gemm::row_multiple();
     let rows = (SCORE_BLOCK / t.max(1))
         .max(1)
-        .next_multiple_of(ROW_TILE)
-        .min(s.next_multiple_of(ROW_TILE));
+        .next_multiple_of(row_tile)
+        .min(s.next_multiple_of(row_tile));
     let blocks = s.div_ceil(rows);
     let mut out = vec![T::ZERO; s * heads * d];
     let out_ptr = OutPtr(out.as_mut_ptr());

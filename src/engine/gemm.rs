@@ -18,6 +18,7 @@
 use half::bf16;
 use rayon::prelude::*;
 
+use super::amx;
 use super::weight_buffer::{Placement, WeightBuffer};
 
 /// Output columns per panel (two 16-lane registers).
@@ -215,7 +216,8 @@ impl PackedWeight {
         let panels = self.n.div_ceil(NR);
         let group = group.max(1);
         // A is packed once for all threads (each used to pack it for every group of panels)
-        let packed_a = (m > MR).then(|| PackedRows::pack(a, m, lda, self.k_padded, true));
+        let packed_a =
+            (m > MR && !uses_amx(m)).then(|| PackedRows::pack(a, m, lda, self.k_padded, true));
         for_each_thread(panels.div_ceil(group), |g0, g1| {
             let (p0, p1) = (g0 * group, (g1 * group).min(panels));
             let (k_used, packed_a) = (self.k_padded, packed_a.as_ref());
@@ -357,29 +359,23 @@ impl PackedWeight {
             panic!("bf16 matmul on f32-packed weights");
         };
         let kp = self.k_padded;
+        let a16 = a.as_ptr() as *const u16;
+        if uses_amx(m) {
+            // SAFETY: the caller's contract, and AMX is enabled.
+            unsafe {
+                let amx = (amx::block as amx::BlockFn, true);
+                self.run_bf16_amx(a16, m, lda, bias, c, ldc, n_cols, k_used, (p0, p1), amx)
+            };
+            return;
+        }
         let Some(packed_a) = packed_a.filter(|_| m > MR) else {
             // A read in place, each panel whole: one row tile (decoding), or a product on one
             // thread (attention), where packing A would cost as much as the few panels it meets
-            for p in p0..p1 {
-                let cols = NR.min(n_cols - p * NR);
-                for row in (0..m).step_by(MR) {
-                    let start = Start::Bias(bias.map(|b| &b[p * NR..p * NR + cols]));
-                    // SAFETY: as in `run_f32`; `k_used` is even and pairs stay inside rows.
-                    unsafe {
-                        tile_bf16(
-                            (a.as_ptr() as *const u16).add(row * lda),
-                            lda,
-                            MR.min(m - row),
-                            panels[p * kp * NR..].as_ptr(),
-                            k_used / 2,
-                            c.0.add(row * ldc + p * NR),
-                            ldc,
-                            cols,
-                            start,
-                        )
-                    };
-                }
-            }
+            let pairs = 0..k_used / 2;
+            // SAFETY: the caller's contract.
+            unsafe {
+                self.run_bf16_in_place(a16, 0..m, lda, bias, (c, ldc), n_cols, pairs, p0..p1)
+            };
             return;
         };
         // A packed per row tile as [pair][row] by the caller, so a tile reads one stream
@@ -419,6 +415,134 @@ impl PackedWeight {
                 }
             }
         }
+    }
+
+    /// AVX-512 tiles over `rows` of A read in place (row stride `lda`), for the pairs of `k` in
+    /// `pairs` and the panels in `panels`: from the bias when the pairs start at 0, else adding
+    /// to C.
+    ///
+    /// # Safety
+    /// As [`Self::run_bf16`] for these rows, panels and pairs.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn run_bf16_in_place(
+        &self,
+        a: *const u16,
+        rows: std::ops::Range<usize>,
+        lda: usize,
+        bias: Option<&[f32]>,
+        (c, ldc): (&SharedOut, usize),
+        n_cols: usize,
+        pairs: std::ops::Range<usize>,
+        panels: std::ops::Range<usize>,
+    ) {
+        let Panels::Bf16(packed) = &self.panels else {
+            panic!("bf16 matmul on f32-packed weights");
+        };
+        if pairs.is_empty() {
+            return;
+        }
+        for p in panels {
+            let cols = NR.min(n_cols - p * NR);
+            for row in rows.clone().step_by(MR) {
+                let start = if pairs.start == 0 {
+                    Start::Bias(bias.map(|b| &b[p * NR..p * NR + cols]))
+                } else {
+                    Start::Accumulate
+                };
+                // SAFETY: as in `run_f32`; pairs stay inside rows (caller).
+                unsafe {
+                    tile_bf16(
+                        a.add(row * lda + 2 * pairs.start),
+                        lda,
+                        MR.min(rows.end - row),
+                        packed[p * self.k_padded * NR + pairs.start * 2 * NR..].as_ptr(),
+                        pairs.len(),
+                        c.0.add(row * ldc + p * NR),
+                        ldc,
+                        cols,
+                        start,
+                    )
+                };
+            }
+        }
+    }
+
+    /// [`Self::run_bf16`] on AMX: 32 × 32 blocks over the whole panels and the rows and pairs of
+    /// `k` that fill them, in groups of panels that stay in L2 while the rows pass; the rest (the
+    /// last pairs, the last rows, a narrow last panel) on the AVX-512 tiles, A read in place.
+    ///
+    /// `block` is [`amx::block`] (run with this thread's tiles configured), or in tests a model
+    /// of it.
+    ///
+    /// # Safety
+    /// As [`Self::run_bf16`]; [`amx::enabled`] returned true, or `block` is not the AMX one.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn run_bf16_amx(
+        &self,
+        a: *const u16,
+        m: usize,
+        lda: usize,
+        bias: Option<&[f32]>,
+        c: &SharedOut,
+        ldc: usize,
+        n_cols: usize,
+        k_used: usize,
+        (p0, p1): (usize, usize),
+        (block, tiles_configured): (amx::BlockFn, bool),
+    ) {
+        let Panels::Bf16(packed) = &self.panels else {
+            panic!("bf16 matmul on f32-packed weights");
+        };
+        let pairs = k_used / 2;
+        let main_pairs = pairs / amx::PAIRS_PER_STEP * amx::PAIRS_PER_STEP;
+        let main_rows = m / amx::BLOCK * amx::BLOCK;
+        // panels p0..whole have all 32 columns
+        let whole = (n_cols / NR).clamp(p0, p1);
+        let (blocked_panels, rest) = if main_pairs == 0 {
+            (p0..p0, p0..p1)
+        } else {
+            (p0..whole, whole..p1)
+        };
+        let group = (AMX_GROUP_BYTES / (self.k_padded * NR * 2)).max(1);
+        let blocks = || {
+            for g0 in blocked_panels.clone().step_by(group) {
+                for row in (0..main_rows).step_by(amx::BLOCK) {
+                    for p in g0..(g0 + group).min(blocked_panels.end) {
+                        let start = match bias {
+                            Some(b) => amx::Start::Bias(&b[p * NR..(p + 1) * NR]),
+                            None => amx::Start::Zero,
+                        };
+                        // SAFETY: 32 rows of A from `row`, readable to `2·main_pairs`; panel `p`
+                        // has all 32 columns and `main_pairs` pairs; C's block is inside this
+                        // thread's columns.
+                        unsafe {
+                            block(
+                                a.add(row * lda),
+                                lda,
+                                packed[p * self.k_padded * NR..].as_ptr(),
+                                main_pairs,
+                                c.0.add(row * ldc + p * NR),
+                                ldc,
+                                start,
+                            )
+                        }
+                    }
+                }
+            }
+        };
+        if tiles_configured && !blocked_panels.is_empty() {
+            // SAFETY: AMX is enabled (caller).
+            unsafe { amx::with_tiles(blocks) };
+        } else {
+            blocks();
+        }
+        let in_place = |rows, pairs, panels| {
+            // SAFETY: the caller's contract, on a part of the same product.
+            unsafe { self.run_bf16_in_place(a, rows, lda, bias, (c, ldc), n_cols, pairs, panels) }
+        };
+        in_place(0..main_rows, main_pairs..pairs, blocked_panels.clone());
+        in_place(main_rows..m, 0..pairs, blocked_panels);
+        in_place(0..m, 0..pairs, rest);
     }
 
     /// Panics unless A holds `m` rows of `k` and C `m` rows of `cols` at the given strides.
@@ -530,6 +654,20 @@ enum Start<'a> {
     Bias(Option<&'a [f32]>),
     /// Later blocks: add to what C holds.
     Accumulate,
+}
+
+/// The panels of one AMX group take at most this much (half of a Sapphire Rapids core's L2).
+const AMX_GROUP_BYTES: usize = 1 << 20;
+
+/// The number of rows of A that blocks of a product come in: AMX's 32 where it is used, else the
+/// AVX-512 tiles' 12.
+pub fn row_multiple() -> usize {
+    if amx::enabled() { amx::BLOCK } else { MR }
+}
+
+/// Whether a product of `m` rows of A runs on AMX.
+fn uses_amx(m: usize) -> bool {
+    m >= amx::BLOCK && amx::enabled()
 }
 
 /// Mask of the first `cols` (≤ 32) lanes, split over the two 16-lane registers.
@@ -1002,6 +1140,61 @@ mod tests {
                     .map(|kk| a[i * k + kk] as f64 * w[j * k + kk] as f64)
                     .sum();
                 assert!((out[i * cols + j] as f64 - want).abs() < 1e-4);
+            }
+        }
+    }
+
+    #[test]
+    fn amx_blocks_and_their_avx512_tails_give_exact_sums() {
+        if !Kernel::detect().is_some_and(Kernel::has_bf16) {
+            return;
+        }
+        // (m, n, k): whole blocks; rows, pairs and a narrow panel left over; fewer pairs than
+        // one step; odd k; several panel groups
+        let shapes = [
+            (32, 32, 32),
+            (45, 80, 40),
+            (70, 64, 100),
+            (33, 40, 20),
+            (64, 96, 33),
+            (40, 32 * 18, 2048),
+        ];
+        for (m, n, k) in shapes {
+            let bf = |v: Vec<f32>| -> Vec<bf16> { v.iter().map(|&x| bf16::from_f32(x)).collect() };
+            let (a, w, bias) = (bf(values(m * k, 8)), bf(values(n * k, 9)), values(n, 10));
+            let packed =
+                PackedWeight::pack_bf16(&w, n, k, Strides::row_major(k), Placement::Scratch)
+                    .unwrap();
+            let padded = packed.pad_odd_k(&a, m, k);
+            let (a_rows, lda) = match &padded {
+                Some(v) => (v.as_slice(), packed.k_padded),
+                None => (a.as_slice(), k),
+            };
+            for bias in [None, Some(bias.as_slice())] {
+                let mut out = vec![f32::NAN; m * n];
+                let c = SharedOut(out.as_mut_ptr());
+                let panels = (0, n.div_ceil(NR));
+                let model = (amx::model_block as amx::BlockFn, false);
+                // SAFETY: A holds m rows of `lda` ≥ k_padded, C m rows of n; the model block
+                // needs no tiles.
+                unsafe {
+                    let a16 = a_rows.as_ptr() as *const u16;
+                    let kp = packed.k_padded;
+                    packed.run_bf16_amx(a16, m, lda, bias, &c, n, n, kp, panels, model)
+                };
+                for i in 0..m {
+                    for j in 0..n {
+                        let want: f64 = (0..k)
+                            .map(|kk| a[i * k + kk].to_f64() * w[j * k + kk].to_f64())
+                            .sum::<f64>()
+                            + bias.map_or(0.0, |b| b[j] as f64);
+                        let got = out[i * n + j] as f64;
+                        assert!(
+                            (got - want).abs() < 1e-3,
+                            "{m}x{n}x{k} ({i},{j}): {got} vs {want}"
+                        );
+                    }
+                }
             }
         }
     }

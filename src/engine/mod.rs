@@ -4,6 +4,7 @@
 //!
 //! Entry point: [`Qwen2Vl`].
 
+mod amx;
 mod attention;
 pub mod bench;
 pub mod chat;
