@@ -90,6 +90,23 @@ def gpu_line(dtype, ref, r, v):
             f" {(r.get('peak_vram_bytes') or 0) / 2**30:5.2f} GiB = {vram:4.2f}")
 
 
+def cpu_line():
+    """The CPU's model and whether it has AMX, which decides which matrix kernels either side uses."""
+    model, flags = "unknown CPU", set()
+    try:
+        for line in open("/proc/cpuinfo"):
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+    except OSError:
+        pass
+    amx = "amx_bf16" in flags
+    return (f"machine: {model}, {os.cpu_count()} CPUs, AVX512-BF16 {'yes' if 'avx512_bf16' in flags else 'no'},"
+            f" AMX-BF16 {'yes (oneDNN gives torch the tiles; vlad prints whether it uses them: CPU kernels)' if amx else 'no'}")
+
+
 def mark(ok):
     return "ok " if ok else "BELOW"
 
@@ -162,6 +179,8 @@ def main():
     else:
         print("\nreference / vlad, measured in this run (ratios > 1: vlad faster; targets: vision and prefill >= 2x,"
               " decode >= 90% of bandwidth, quantized decode >= 2x reference bf16, RSS <= reference)")
+    if args.device == "cpu":
+        print(cpu_line())
     print("\n".join(lines))
     if args.json_out:
         with open(args.json_out, "w") as f:

@@ -116,6 +116,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             .unwrap_or_default(),
         start.elapsed().as_secs_f64()
     );
+    if !model.device().is_cuda() {
+        eprintln!("CPU kernels: {}", vlad::engine::cpu_kernels());
+    }
     let options = BenchOptions {
         sizes,
         decode_tokens: args.decode_tokens,

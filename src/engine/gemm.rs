@@ -6,6 +6,8 @@
 //! output tiles in the 32 vector registers: f32 with FMA, bf16 with the AVX512-BF16 dot-product
 //! instruction (pairs of bf16 products summed into f32 lanes), twice the f32 rate. Both
 //! accumulate in f32 over the whole `k` before the result is rounded once to the output dtype.
+//! Where the CPU has AMX-BF16 (and Linux grants it), bf16 products of 32 rows or more run their
+//! 32 × 32 blocks on the tiles ([`super::amx`]) and only the remainders on the AVX-512 tiles.
 //! The kernel is chosen at run time ([`Kernel::detect`]); without AVX-512 callers fall back to
 //! candle.
 //!
@@ -658,6 +660,16 @@ enum Start<'a> {
 
 /// The panels of one AMX group take at most this much (half of a Sapphire Rapids core's L2).
 const AMX_GROUP_BYTES: usize = 1 << 20;
+
+/// The matrix kernels the CPU paths use on this machine, for reports.
+pub fn describe() -> &'static str {
+    match Kernel::detect() {
+        Some(Kernel::Avx512Bf16) if amx::enabled() => "AMX tiles + AVX512-BF16",
+        Some(Kernel::Avx512Bf16) => "AVX512-BF16 (no AMX)",
+        Some(Kernel::Avx512) => "AVX-512 f32 (no AVX512-BF16: bf16 goes through candle)",
+        None => "candle's (no AVX-512)",
+    }
+}
 
 /// The number of rows of A that blocks of a product come in: AMX's 32 where it is used, else the
 /// AVX-512 tiles' 12.
