@@ -49,7 +49,8 @@ pub enum Start<'a> {
 /// 64 bytes) and releases them afterwards.
 ///
 /// # Safety
-/// [`enabled`] returned true.
+/// Linux granted the tile state: [`enabled`] returned true (or, inside the probe, the CPUID and
+/// `arch_prctl` checks passed).
 pub unsafe fn with_tiles<R>(work: impl FnOnce() -> R) -> R {
     let config = TileConfig::new();
     // SAFETY: AMX is enabled (caller); the configuration is a valid palette-1 layout.
