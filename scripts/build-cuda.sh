@@ -72,17 +72,21 @@ fi
 ./scripts/build-qwen2vl-tokenizer.sh >/dev/null
 cargo build --release --features cuda --bin vlad
 tests_json="$(cargo test --release --features cuda --no-run --message-format json \
-  --test engine_reference --test engine_generation)"
+  --lib --test engine_reference --test engine_generation)"
 
 rm -rf .gpu && mkdir -p .gpu/bin .gpu/lib
 cp target/release/vlad .gpu/bin/
-for t in engine_reference engine_generation; do
+# the two parity tests, and the library's unit tests as engine_unit (gpu-check.sh runs the CPU
+# kernels' tests with them where the host CPU has AMX)
+for t in engine_reference engine_generation engine_unit; do
   exe="$(python3 -c '
 import json, sys
 name = sys.argv[1]
 for line in sys.stdin:
     m = json.loads(line)
-    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == name and m.get("executable"):
+    if m.get("reason") != "compiler-artifact" or not m.get("executable"):
+        continue
+    if m["target"]["name"] == name or (name == "engine_unit" and "lib" in m["target"]["kind"]):
         print(m["executable"])' "$t" <<<"$tests_json" | tail -1)"
   cp "$exe" ".gpu/bin/$t"
 done

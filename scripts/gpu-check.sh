@@ -7,7 +7,9 @@
 #   2. speed: `vlad bench --device cuda` and the reference (scripts/bench_reference.py) one after
 #      the other on the same GPU, same sizes, 2B shapes, bf16; scripts/bench_vs_reference.py prints
 #      the ratios;
-#   3. where the time goes: `vlad bench --profile` (phases) and Nsight Compute (kernels), if there.
+#   3. where the time goes: `vlad bench --profile` (phases) and Nsight Compute (kernels), if there;
+#   4. where the host CPU has AMX: the CPU kernels' unit tests and `vlad bench --device cpu` with
+#      and without the tiles (VLAD_AMX=0).
 # Logs and JSON go to $OUT (or .gpu/out).
 #
 #   scripts/gpu-check.sh [SIZES]        # default 1280x720,1920x1080
@@ -53,6 +55,22 @@ PYTHONUNBUFFERED=1 timeout 330 python3 scripts/bench_vs_reference.py --vlad .gpu
 echo "== phases of a ${sizes##*,} step"
 timeout 120 .gpu/bin/vlad bench --config 2b --tokenizer .gpu/tokenizer --device cuda --dtype bf16 \
   --sizes "${sizes##*,}" --decode-tokens 16 --runs 2 --profile 2>&1 | tee "$out/phases.txt" | head -40
+
+# the CPU's AMX path (src/engine/amx.rs), where this host's CPU has AMX (the machines the project
+# builds on have none): the CPU kernels' unit tests, then the CPU bench with the tiles and without
+if grep -qw amx_bf16 /proc/cpuinfo; then
+  echo "== AMX on this host's CPU:$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2)"
+  if [[ -x .gpu/bin/engine_unit ]]; then
+    timeout 120 .gpu/bin/engine_unit engine::amx engine::gemm engine::attention engine::vector_math 2>&1 \
+      | tee "$out/amx_tests.log" | grep -E 'test result|panicked|FAILED'
+    [[ ${PIPESTATUS[0]} == 0 ]] || status=1
+  fi
+  for amx in 1 0; do
+    VLAD_AMX=$amx timeout 120 .gpu/bin/vlad bench --config 2b --tokenizer .gpu/tokenizer --device cpu \
+      --dtype bf16 --sizes 640x360 --decode-tokens 4 2>&1 | tee "$out/amx_bench_$amx.txt" \
+      | grep -E 'CPU kernels|640x360'
+  done
+fi
 
 # where the GPU time goes: every kernel of one step at the largest size (one decode token),
 # timed by Nsight Compute and summed per kernel name
