@@ -40,8 +40,8 @@ use candle_core::{DType, Device, Tensor};
 
 pub use config::ModelConfig;
 pub use error::{EngineError, Result};
-pub use linear::Quantization;
 pub use gemm::describe as cpu_kernels;
+pub use linear::Quantization;
 pub use processor::{PreparedPrompt, Processor};
 pub use prompt::{Content, Message, Part, Prompt};
 pub use rope_index::{GridThw, RopePositions};

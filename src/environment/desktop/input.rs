@@ -109,6 +109,9 @@ impl<E: Keyboard + Mouse> Drop for Held<'_, E> {
 /// typed (see [`Input`]'s `Drop`).
 const MAPPED_KEYS_LINGER: Duration = Duration::from_millis(300);
 
+/// The pause after each character typed through a remapped keycode (see `flush_text`).
+const UNMAPPED_KEY_PAUSE: Duration = Duration::from_millis(25);
+
 /// The input connection (enigo; any `Keyboard + Mouse` in the unit tests).
 pub(super) struct Input<E = Enigo> {
     enigo: E,
@@ -243,15 +246,33 @@ impl<E: Keyboard + Mouse> Input<E> {
         self.flush_text(&mut run)
     }
 
+    /// Types `run`: ASCII in one call, each character beyond it in a call of its own followed by
+    /// [`UNMAPPED_KEY_PAUSE`]. X11 types such a character through a keycode remapped for it, and
+    /// an app that reads its events late must get to each one before the next remap (a loaded CI
+    /// run typed 'hllo 世界' for 'héllo 世界').
     fn flush_text(&mut self, run: &mut String) -> Result<(), InputError> {
-        if !run.is_empty() {
-            self.enigo
-                .text(run)
-                .map_err(sim(format!("typing {run:?}")))?;
-            if !run.is_ascii() {
-                self.typed_unmapped = Some(Instant::now());
+        let mut ascii = String::new();
+        for c in run.chars() {
+            if c.is_ascii() {
+                ascii.push(c);
+                continue;
             }
-            run.clear();
+            self.send_text(&mut ascii)?;
+            self.send_text(&mut c.to_string())?;
+            self.typed_unmapped = Some(Instant::now());
+            std::thread::sleep(UNMAPPED_KEY_PAUSE);
+        }
+        self.send_text(&mut ascii)?;
+        run.clear();
+        Ok(())
+    }
+
+    fn send_text(&mut self, text: &mut String) -> Result<(), InputError> {
+        if !text.is_empty() {
+            self.enigo
+                .text(text)
+                .map_err(sim(format!("typing {text:?}")))?;
+            text.clear();
         }
         Ok(())
     }
@@ -345,7 +366,18 @@ mod tests {
         drop(i);
         assert!(start.elapsed() < Duration::from_millis(100));
         let mut i = input(None);
+        let start = Instant::now();
         i.type_text("héllo 世界").unwrap();
+        // each of the three characters beyond ASCII is typed on its own, with a pause after it
+        assert!(start.elapsed() >= 3 * UNMAPPED_KEY_PAUSE);
+        let typed: String = i
+            .enigo
+            .log
+            .iter()
+            .filter_map(|l| l.strip_prefix("Click Unicode('"))
+            .map(|l| l.trim_end_matches("')"))
+            .collect();
+        assert_eq!(typed, "héllo 世界");
         assert!(i.typed_unmapped.is_some());
         let start = Instant::now();
         drop(i);
