@@ -80,9 +80,7 @@ impl Element for f32 {
         self
     }
     fn exp_shifted_into(row: &mut [f32], max: f32, scale: f32, dst: &mut [f32]) -> f32 {
-        let sum = exp_shifted(row, max, scale);
-        dst.copy_from_slice(row);
-        sum
+        vector_math::exp_shifted_to_f32(row, max, scale, dst)
     }
     const ZERO: f32 = 0.0;
 }

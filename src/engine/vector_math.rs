@@ -89,6 +89,24 @@ pub fn exp_shifted(row: &mut [f32], max: f32, scale: f32) -> f32 {
     sum
 }
 
+/// `dst[i] = exp((src[i] - max) · scale)`, returning the sum.
+pub fn exp_shifted_to_f32(src: &[f32], max: f32, scale: f32, dst: &mut [f32]) -> f32 {
+    let len = src.len().min(dst.len());
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: AVX-512F was detected just above; both slices hold `len` values.
+        return unsafe {
+            exp_shifted_avx512::<false>(src.as_ptr(), len, max, scale, dst.as_mut_ptr().cast())
+        };
+    }
+    let mut sum = 0.0;
+    for (d, &x) in dst[..len].iter_mut().zip(src) {
+        *d = ((x - max) * scale).exp();
+        sum += *d;
+    }
+    sum
+}
+
 /// `dst[i] = bf16(exp((src[i] - max) · scale))`, returning the sum of the unrounded values.
 pub fn exp_shifted_to_bf16(src: &[f32], max: f32, scale: f32, dst: &mut [bf16]) -> f32 {
     let len = src.len().min(dst.len());
