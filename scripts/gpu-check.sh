@@ -3,14 +3,18 @@
 # bundle scripts/build-cuda.sh makes (.gpu/, or .gpu-bundle.tar.xz unpacked into it; no Rust
 # toolchain needed there):
 #   1. parity: the engine's reference tests (tests/engine_reference.rs, f32) and generation tests
-#      (tests/engine_generation.rs, bf16/f16/q8_0 deviation printed) with VLAD_TEST_DEVICE=cuda;
+#      (tests/engine_generation.rs, bf16/f16/q8_0 deviation printed) with VLAD_TEST_DEVICE=cuda,
+#      and the flash attention kernels against exact sums (engine::cuda_flash's unit test);
 #   2. speed: `vlad bench --device cuda` and the reference (scripts/bench_reference.py) one after
 #      the other on the same GPU, same sizes, 2B shapes, bf16; scripts/bench_vs_reference.py prints
 #      the ratios;
-#   3. where the time goes: `vlad bench --profile` (phases) and Nsight Compute (kernels), if there;
+#   3. where the time goes: `vlad bench --profile` (phases), with flash attention and without;
 #   4. where the host CPU has AMX: the CPU kernels' unit tests and `vlad bench --device cpu` with
 #      and without the tiles (VLAD_AMX=0).
-# Logs and JSON go to $OUT (or .gpu/out).
+#   5. where the GPU time goes: every kernel of one step at the largest size (Nsight Compute), and
+#      the kernels of one decode token (a 640x360 step with 5 decode tokens minus one with 1).
+# Logs and JSON go to $OUT (or .gpu/out). STEPS picks steps (default all: parity,speed,phases,
+# amx,kernels,decode-kernels), e.g. STEPS=phases,amx for a short run.
 #
 #   scripts/gpu-check.sh [SIZES]        # default 1280x720,1920x1080
 set -uo pipefail
@@ -19,6 +23,8 @@ sizes="${1:-1280x720,1920x1080}"
 out="${OUT:-.gpu/out}"
 mkdir -p "$out"
 status=0
+steps=",${STEPS:-parity,speed,phases,amx,kernels,decode-kernels},"
+want() { [[ "$steps" == *",$1,"* ]]; }
 if [[ ! -x .gpu/bin/vlad && -f .gpu-bundle.tar.xz ]]; then
   mkdir -p .gpu
   python3 -c 'import lzma, sys, tarfile; tarfile.open(fileobj=lzma.open(sys.argv[1])).extractall(sys.argv[2])' \
@@ -35,6 +41,7 @@ if ldd .gpu/bin/vlad | grep 'not found'; then
   exit 1
 fi
 
+if want parity; then
 echo "== parity on the GPU"
 export VLAD_TEST_DEVICE=cuda CARGO_MANIFEST_DIR="$PWD"
 timeout 120 .gpu/bin/engine_reference --test-threads 1 2>&1 | tee "$out/parity_reference.log" | tail -15
@@ -43,22 +50,37 @@ timeout 120 .gpu/bin/engine_reference --test-threads 1 2>&1 | tee "$out/parity_r
 timeout 120 .gpu/bin/engine_generation --test-threads 1 --nocapture --skip cli_ 2>&1 \
   | tee "$out/parity_generation.log" | grep -E 'deviation|test result|panicked|FAILED|failed'
 [[ ${PIPESTATUS[0]} == 0 ]] || status=1
+# the flash attention kernels against exact sums (src/engine/cuda_flash.rs)
+timeout 120 .gpu/bin/engine_unit engine::cuda_flash --nocapture 2>&1 | tee "$out/parity_flash.log" \
+  | grep -E 'test result|panicked|worst|no CUDA'
+[[ ${PIPESTATUS[0]} == 0 ]] || status=1
 unset VLAD_TEST_DEVICE CARGO_MANIFEST_DIR
+fi
 
+if want speed; then
 echo "== speed: vlad and the reference on this GPU, same run"
 PYTHONUNBUFFERED=1 timeout 330 python3 scripts/bench_vs_reference.py --vlad .gpu/bin/vlad --device cuda \
   --tokenizer .gpu/tokenizer --sizes "$sizes" --dtypes bf16 --quantize '' --decode-tokens 64 --runs 3 \
   --json-out "$out/bench.json" 2>&1 | tee "$out/bench.log" | grep -v '^{"size"'
 [[ ${PIPESTATUS[0]} == 0 ]] || status=1
+fi
 
 # where the time goes, phase by phase (device drained around each: host and GPU time together)
+if want phases; then
 echo "== phases of a ${sizes##*,} step"
 timeout 120 .gpu/bin/vlad bench --config 2b --tokenizer .gpu/tokenizer --device cuda --dtype bf16 \
   --sizes "${sizes##*,}" --decode-tokens 16 --runs 2 --profile 2>&1 | tee "$out/phases.txt" | head -40
+echo "== the same without flash attention (VLAD_CUDA_FLASH=0: cuBLAS scores, fused softmax)"
+VLAD_CUDA_FLASH=0 timeout 120 .gpu/bin/vlad bench --config 2b --tokenizer .gpu/tokenizer --device cuda \
+  --dtype bf16 --sizes "${sizes##*,}" --decode-tokens 16 --runs 2 --profile 2>&1 \
+  | tee "$out/phases_cublas.txt" | head -40
+fi
 
 # the CPU's AMX path (src/engine/amx.rs), where this host's CPU has AMX (the machines the project
 # builds on have none): the CPU kernels' unit tests, then the CPU bench with the tiles and without
-if grep -qw amx_bf16 /proc/cpuinfo; then
+if want amx && ! grep -qw amx_bf16 /proc/cpuinfo; then
+  echo "== no AMX on this host's CPU:$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2)"
+elif want amx; then
   echo "== AMX on this host's CPU:$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2)"
   if [[ -x .gpu/bin/engine_unit ]]; then
     timeout 120 .gpu/bin/engine_unit engine::amx engine::gemm engine::attention engine::vector_math 2>&1 \
@@ -75,27 +97,23 @@ fi
 # where the GPU time goes: every kernel of one step at the largest size (one decode token),
 # timed by Nsight Compute and summed per kernel name
 ncu="$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | tail -1)"
-if [[ -n "$ncu" ]]; then
+if want kernels && [[ -n "$ncu" ]]; then
   echo "== kernels of one ${sizes##*,} step (vision + prefill + 1 token), by GPU time"
   timeout 150 "$ncu" --clock-control none --metrics gpu__time_duration.sum --csv --log-file "$out/ncu.csv" \
     .gpu/bin/vlad bench --config 2b --tokenizer .gpu/tokenizer --device cuda --dtype bf16 \
     --sizes "${sizes##*,}" --decode-tokens 1 --runs 0 > "$out/ncu-bench.txt" 2>&1
-  python3 - "$out/ncu.csv" <<'PY' | tee "$out/kernels.txt"
-import collections, csv, sys
-lines = open(sys.argv[1]).read().splitlines()
-start = next((i for i, l in enumerate(lines) if l.startswith('"ID"')), None)
-if start is None:
-    sys.exit("no kernel rows in " + sys.argv[1])
-total, count = collections.Counter(), collections.Counter()
-for row in csv.DictReader(lines[start:]):
-    if row.get("Metric Name") == "gpu__time_duration.sum":
-        name = row["Kernel Name"].split("(")[0][:60]
-        total[name] += float(row["Metric Value"].replace(",", ""))
-        count[name] += 1
-all_ns = sum(total.values())
-print(f"{sum(count.values())} kernels, {all_ns / 1e6:.1f} ms of GPU time")
-for name, ns in total.most_common(25):
-    print(f"{ns / 1e6:9.3f} ms {100 * ns / all_ns:5.1f}% {count[name]:6d}x  {name}")
-PY
+  python3 scripts/ncu_kernels.py "$out/ncu.csv" | tee "$out/kernels.txt"
+fi
+if want decode-kernels && [[ -n "$ncu" ]]; then
+  # one decode token's kernels: a small step with 5 decode tokens minus the same step with 1
+  echo "== kernels of one decode token (640x360: 5 tokens minus 1, divided by 4)"
+  for n in 1 5; do
+    timeout 90 "$ncu" --clock-control none --metrics gpu__time_duration.sum --csv \
+      --log-file "$out/ncu_decode_$n.csv" .gpu/bin/vlad bench --config 2b --tokenizer .gpu/tokenizer \
+      --device cuda --dtype bf16 --sizes 640x360 --decode-tokens $n --runs 0 > "$out/ncu_decode_$n.txt" 2>&1
+  done
+  python3 scripts/ncu_kernels.py "$out/ncu_decode_5.csv" "$out/ncu_decode_1.csv" 4 \
+    | tee "$out/decode_kernels.txt"
+  rm -f "$out"/ncu_decode_*.csv "$out"/ncu_decode_*.txt
 fi
 exit $status

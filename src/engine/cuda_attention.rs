@@ -8,7 +8,8 @@
 //! over the key/value heads; one in all for a single query); nothing is copied or expanded. The
 //! mask, the softmax and the rounding are one kernel (`attention_softmax.cu`, compiled by NVRTC on
 //! first use) that reads each row of scores once; if it cannot be compiled or loaded, candle's
-//! ops do the same in three passes (with a warning).
+//! ops do the same in three passes (with a warning). Prompts and frames in bf16/f16 go through
+//! [`super::cuda_flash`] instead, which never writes the scores.
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::cublas::{result as cublas, sys as cublas_sys};
@@ -44,6 +45,9 @@ pub fn attend(
         );
     }
     let (q, k, v) = (rows_view(q)?, rows_view(k)?, rows_view(v)?);
+    if let Some(out) = super::cuda_flash::attend(&q, &k, &v, scale, causal_offset)? {
+        return Ok(out);
+    }
     let chunk = (SCORE_BUDGET / (heads * t.max(1))).clamp(1, s.max(1));
     let mut outs = Vec::new();
     let mut start = 0;
@@ -194,7 +198,7 @@ fn rows_view(x: &Tensor) -> Result<Tensor> {
 }
 
 /// The row stride of a `(rows, heads, d)` layout whose heads lie side by side in each row.
-fn row_stride(layout: &Layout) -> Option<usize> {
+pub(super) fn row_stride(layout: &Layout) -> Option<usize> {
     match (layout.dims(), layout.stride()) {
         ([rows, heads, d], [row, head, 1]) if *heads <= 1 || *head == *d => {
             Some(if *rows <= 1 { heads * d } else { *row })

@@ -11,6 +11,8 @@ pub mod chat;
 pub mod config;
 #[cfg(feature = "cuda")]
 mod cuda_attention;
+#[cfg(feature = "cuda")]
+mod cuda_flash;
 pub mod device_memory;
 pub mod error;
 mod fused_attention;
