@@ -9,12 +9,13 @@
 #      the other on the same GPU, same sizes, 2B shapes, bf16; scripts/bench_vs_reference.py prints
 #      the ratios;
 #   3. where the time goes: `vlad bench --profile` (phases), with flash attention and without;
+#      `ab`: vlad alone as built, without the fused decoder kernels, and without flash attention;
 #   4. where the host CPU has AMX: the CPU kernels' unit tests and `vlad bench --device cpu` with
 #      and without the tiles (VLAD_AMX=0).
 #   5. where the GPU time goes: every kernel of one step at the largest size (Nsight Compute), and
 #      the kernels of one decode token (a 640x360 step with 5 decode tokens minus one with 1).
-# Logs and JSON go to $OUT (or .gpu/out). STEPS picks steps (default all: parity,speed,phases,
-# amx,kernels,decode-kernels), e.g. STEPS=phases,amx for a short run.
+# Logs and JSON go to $OUT (or .gpu/out). STEPS picks steps (default all: parity,speed,ab,
+# phases,amx,kernels,decode-kernels), e.g. STEPS=phases,amx for a short run.
 #
 #   scripts/gpu-check.sh [SIZES]        # default 1280x720,1920x1080
 set -uo pipefail
@@ -23,7 +24,7 @@ sizes="${1:-1280x720,1920x1080}"
 out="${OUT:-.gpu/out}"
 mkdir -p "$out"
 status=0
-steps=",${STEPS:-parity,speed,phases,amx,kernels,decode-kernels},"
+steps=",${STEPS:-parity,speed,ab,phases,amx,kernels,decode-kernels},"
 want() { [[ "$steps" == *",$1,"* ]]; }
 if [[ ! -x .gpu/bin/vlad && -f .gpu-bundle.tar.xz ]]; then
   mkdir -p .gpu
@@ -50,8 +51,8 @@ timeout 120 .gpu/bin/engine_reference --test-threads 1 2>&1 | tee "$out/parity_r
 timeout 120 .gpu/bin/engine_generation --test-threads 1 --nocapture --skip cli_ 2>&1 \
   | tee "$out/parity_generation.log" | grep -E 'deviation|test result|panicked|FAILED|failed'
 [[ ${PIPESTATUS[0]} == 0 ]] || status=1
-# the flash attention kernels against exact sums (src/engine/cuda_flash.rs)
-timeout 120 .gpu/bin/engine_unit engine::cuda_flash --nocapture 2>&1 | tee "$out/parity_flash.log" \
+# the flash attention kernels against exact sums, the fused decoder kernels against candle ops
+timeout 120 .gpu/bin/engine_unit engine::cuda_flash engine::cuda_fused --nocapture 2>&1 | tee "$out/parity_flash.log" \
   | grep -E 'test result|panicked|worst|no CUDA'
 [[ ${PIPESTATUS[0]} == 0 ]] || status=1
 unset VLAD_TEST_DEVICE CARGO_MANIFEST_DIR
@@ -66,6 +67,15 @@ PYTHONUNBUFFERED=1 timeout 330 python3 scripts/bench_vs_reference.py --vlad .gpu
 fi
 
 # where the time goes, phase by phase (device drained around each: host and GPU time together)
+if want ab; then
+echo "== vlad alone: as built, without the fused decoder kernels, without flash attention"
+for switch in "" VLAD_CUDA_FUSED=0 VLAD_CUDA_FLASH=0; do
+  echo "-- ${switch:-all on}"
+  env $switch timeout 150 .gpu/bin/vlad bench --config 2b --tokenizer .gpu/tokenizer --device cuda \
+    --dtype bf16 --sizes "$sizes" --decode-tokens 64 --runs 3 2>&1 | tee -a "$out/ab.txt" | grep -v '^model'
+done
+fi
+
 if want phases; then
 echo "== phases of a ${sizes##*,} step"
 timeout 120 .gpu/bin/vlad bench --config 2b --tokenizer .gpu/tokenizer --device cuda --dtype bf16 \

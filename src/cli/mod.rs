@@ -58,7 +58,10 @@ impl DeviceArg {
     pub fn open(self) -> anyhow::Result<Device> {
         Ok(match self {
             DeviceArg::Cpu => Device::Cpu,
-            DeviceArg::Cuda => Device::new_cuda(0).map_err(|e| {
+            // one stream for all the engine's work, whichever thread queues it: candle's
+            // default (each host thread's own default stream) would let the decoder, which runs
+            // on rayon's threads, race the caller's thread that reads its logits
+            DeviceArg::Cuda => Device::new_cuda_with_stream(0).map_err(|e| {
                 anyhow::anyhow!("cannot open CUDA device 0 ({e}); build with `--features cuda` on a machine with an NVIDIA GPU")
             })?,
             DeviceArg::Metal => Device::new_metal(0).map_err(|e| {

@@ -9,7 +9,8 @@
 //! mask, the softmax and the rounding are one kernel (`attention_softmax.cu`, compiled by NVRTC on
 //! first use) that reads each row of scores once; if it cannot be compiled or loaded, candle's
 //! ops do the same in three passes (with a warning). Prompts and frames in bf16/f16 go through
-//! [`super::cuda_flash`] instead, which never writes the scores.
+//! [`super::cuda_flash`] instead, which never writes the scores, and bf16 decode steps through
+//! [`super::cuda_fused::decode_attention`] (no cuBLAS calls).
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::cublas::{result as cublas, sys as cublas_sys};
@@ -46,6 +47,12 @@ pub fn attend(
     }
     let (q, k, v) = (rows_view(q)?, rows_view(k)?, rows_view(v)?);
     if let Some(out) = super::cuda_flash::attend(&q, &k, &v, scale, causal_offset)? {
+        return Ok(out);
+    }
+    // one query that sees every key: a decode step
+    if causal_offset.is_none_or(|o| o + 1 >= t)
+        && let Some(out) = super::cuda_fused::decode_attention(&q, &k, &v, scale)?
+    {
         return Ok(out);
     }
     let chunk = (SCORE_BUDGET / (heads * t.max(1))).clamp(1, s.max(1));
@@ -108,15 +115,29 @@ const SOFTMAX_SOURCE: &str = include_str!("attention_softmax.cu");
 /// PTX of [`SOFTMAX_SOURCE`], compiled once per process.
 fn softmax_ptx() -> Result<&'static str> {
     static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
-    PTX.get_or_init(|| {
-        nvrtc::compile_ptx(SOFTMAX_SOURCE)
+    compiled_ptx(&PTX, SOFTMAX_SOURCE, "attention_softmax.cu", None)
+}
+
+/// The PTX of the engine's CUDA source `source` (file name `file`, for the error), compiled by
+/// NVRTC for the virtual architecture `arch` (NVRTC's default if `None`) on the first call and
+/// kept in `cell`; a failure is kept too, so it is not retried.
+pub(super) fn compiled_ptx(
+    cell: &'static OnceLock<std::result::Result<String, String>>,
+    source: &str,
+    file: &str,
+    arch: Option<&'static str>,
+) -> Result<&'static str> {
+    cell.get_or_init(|| {
+        let options = nvrtc::CompileOptions {
+            arch,
+            ..Default::default()
+        };
+        nvrtc::compile_ptx_with_opts(source, options)
             .map(|ptx| ptx.to_src())
             .map_err(|e| e.to_string())
     })
     .as_deref()
-    .map_err(|e| {
-        candle_core::Error::Msg(format!("NVRTC could not compile attention_softmax.cu: {e}"))
-    })
+    .map_err(|e| candle_core::Error::Msg(format!("NVRTC could not compile {file}: {e}")))
 }
 
 /// The fused mask + softmax + rounding of `attention_softmax.cu` on contiguous f32 scores.

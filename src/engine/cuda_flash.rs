@@ -10,7 +10,6 @@ use std::sync::{Once, OnceLock};
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
-use candle_core::cuda_backend::cudarc::nvrtc::{self, CompileOptions};
 use candle_core::cuda_backend::{CudaStorage, WrapErr};
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use half::{bf16, f16};
@@ -56,7 +55,8 @@ fn applies(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<bool> {
     let (s, _, d) = q.dims3()?;
     let dtype = q.dtype();
     let aligned = |x: &Tensor| {
-        row_stride(x.layout()).is_some_and(|row| row % 8 == 0) && x.layout().start_offset() % 8 == 0
+        row_stride(x.layout()).is_some_and(|row| row % 8 == 0)
+            && x.layout().start_offset().is_multiple_of(8)
     };
     Ok(enabled
         && s > 1
@@ -73,19 +73,7 @@ fn applies(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<bool> {
 /// compiled once per process.
 fn ptx() -> Result<&'static str> {
     static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
-    PTX.get_or_init(|| {
-        let options = CompileOptions {
-            arch: Some("compute_80"),
-            ..Default::default()
-        };
-        nvrtc::compile_ptx_with_opts(SOURCE, options)
-            .map(|ptx| ptx.to_src())
-            .map_err(|e| e.to_string())
-    })
-    .as_deref()
-    .map_err(|e| {
-        candle_core::Error::Msg(format!("NVRTC could not compile flash_attention.cu: {e}"))
-    })
+    super::cuda_attention::compiled_ptx(&PTX, SOURCE, "flash_attention.cu", Some("compute_80"))
 }
 
 struct Flash {
@@ -192,12 +180,12 @@ impl CustomOp3 for Flash {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use candle_core::{Device, IndexOp};
 
     /// softmax(q·kᵀ·scale)·v in f64 on the host from the operands' values, `(S, heads, d)`.
-    fn reference(
+    pub(crate) fn reference(
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,

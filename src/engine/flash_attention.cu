@@ -60,8 +60,24 @@ __device__ __forceinline__ u32 pack(float lo, float hi) {
     return r;
 }
 
-// Four 8×8 matrices of 16-bit values from shared memory, transposed: lane l supplies the address
-// of row l % 8 of matrix l / 8.
+// 2^x, the hardware approximation (2 ulp; the probabilities are rounded to 8 bits after it).
+__device__ __forceinline__ float fast_exp2(float x) {
+    float r;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+    return r;
+}
+
+// Four 8×8 matrices of 16-bit values from shared memory: lane l supplies the address of row
+// l % 8 of matrix l / 8.
+__device__ __forceinline__ void ldmatrix_x4(u32 (&r)[4], const u16 *row) {
+    u32 address;
+    asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(address) : "l"(row));
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(address));
+}
+
+// The same, each matrix transposed.
 __device__ __forceinline__ void ldmatrix_x4_trans(u32 (&r)[4], const u16 *row) {
     u32 address;
     asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(address) : "l"(row));
@@ -143,18 +159,24 @@ __device__ void flash_attention(const u16 *__restrict__ q, const u16 *__restrict
         }
         __syncthreads();
 
-        // scores: 16 rows × 64 keys per warp, eight 16×8 fragments
+        // scores: 16 rows × 64 keys per warp, eight 16×8 fragments; the keys' B fragments of two
+        // neighbouring fragments per load (lanes 0-15: keys 8n.., columns c and c + 8; lanes
+        // 16-31: keys 8n + 8.., the same columns)
         float sc[KEYS / 8][4];
         #pragma unroll
         for (int n = 0; n < KEYS / 8; ++n) {
             #pragma unroll
             for (int i = 0; i < 4; ++i) sc[n][i] = 0.0f;
-            const u16 *key_row = ks + (n * 8 + group) * STRIDE + 2 * quad;
+        }
+        const u16 *key_row = ks + ((lane & 7) + ((lane >> 4) << 3)) * STRIDE + ((lane >> 3) & 1) * 8;
+        #pragma unroll
+        for (int n = 0; n < KEYS / 8; n += 2) {
             #pragma unroll
             for (int c = 0; c < D / 16; ++c) {
-                const u32 b0 = *(const u32 *)(key_row + c * 16);
-                const u32 b1 = *(const u32 *)(key_row + c * 16 + 8);
-                mma<BF16>(sc[n], qa[c], b0, b1);
+                u32 b[4];
+                ldmatrix_x4(b, key_row + n * 8 * STRIDE + c * 16);
+                mma<BF16>(sc[n], qa[c], b[0], b[1]);
+                mma<BF16>(sc[n + 1], qa[c], b[2], b[3]);
             }
         }
 
@@ -182,7 +204,7 @@ __device__ void flash_attention(const u16 *__restrict__ q, const u16 *__restrict
             const float new_max = fmaxf(row_max[h], m);
             // a row that has seen no visible key yet keeps max -inf: its probabilities are 0
             base[h] = new_max == NEG_INF ? 0.0f : new_max;
-            correction[h] = exp2f(row_max[h] - base[h]);
+            correction[h] = fast_exp2(row_max[h] - base[h]);
             row_max[h] = new_max;
             row_sum[h] *= correction[h];
         }
@@ -203,7 +225,7 @@ __device__ void flash_attention(const u16 *__restrict__ q, const u16 *__restrict
             for (int half = 0; half < 2; ++half) {
                 #pragma unroll
                 for (int i = 0; i < 4; ++i) {
-                    const float e = exp2f(sc[2 * j + half][i] - base[i >> 1]);
+                    const float e = fast_exp2(sc[2 * j + half][i] - base[i >> 1]);
                     p[half][i] = e;
                     row_sum[i >> 1] += e;
                 }
@@ -244,7 +266,7 @@ __device__ void flash_attention(const u16 *__restrict__ q, const u16 *__restrict
 }
 
 #define FLASH_KERNEL(D, NAME, BF16)                                                                \
-    extern "C" __global__ void __launch_bounds__(WARPS * 32)                                       \
+    extern "C" __global__ void __launch_bounds__(WARPS * 32, (D) <= 80 ? 3 : 2)                   \
         flash_attention_##NAME##_d##D(const u16 *q, const u16 *k, const u16 *v, u16 *out, int s, \
                                       int t, int rep, long long q_row, long long k_row,           \
                                       long long v_row, long long out_row, float scale_log2,       \

@@ -186,6 +186,13 @@ impl Linear {
                 bias.as_deref().map(|b| b.as_slice()),
                 Some(activation),
             ),
+            #[cfg(feature = "cuda")]
+            _ if super::cuda_fused::enabled(x) => {
+                let (y, bias) = self.forward_split_bias(x)?;
+                match activation {
+                    Activation::QuickGelu => super::cuda_fused::bias_quick_gelu(&y, bias),
+                }
+            }
             _ => activation.apply(&self.forward(x)?),
         }
     }
@@ -221,6 +228,11 @@ impl Linear {
             return packed_bf16_into(x, w, bias, 1, |offset, sums, out| {
                 vector_math::add_rounded_to_bf16(sums, &r[offset..offset + out.len()], out)
             });
+        }
+        #[cfg(feature = "cuda")]
+        if super::cuda_fused::enabled(x) {
+            let (y, bias) = self.forward_split_bias(x)?;
+            return super::cuda_fused::bias_residual(&y, bias, residual);
         }
         residual + self.forward(x)?
     }
@@ -286,12 +298,27 @@ impl WeightLayer for Linear {
     }
 }
 
-impl Module for Linear {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let y = match &self.weight {
-            Weight::PackedBf16(w, bias) => {
-                return packed_bf16(x, w, bias.as_deref().map(|b| b.as_slice()), None);
+impl Linear {
+    /// `x · Wᵀ` and the bias still to add, for callers that fuse the bias into their next step.
+    /// A layer packed for the CPU adds its bias in the product and returns `None` for it.
+    pub fn forward_split_bias(&self, x: &Tensor) -> candle_core::Result<(Tensor, Option<&Tensor>)> {
+        if let Weight::PackedBf16(w, bias) = &self.weight {
+            return Ok((
+                packed_bf16(x, w, bias.as_deref().map(|b| b.as_slice()), None)?,
+                None,
+            ));
+        }
+        Ok((self.forward_unbiased(x)?, self.bias.as_ref()))
+    }
+
+    /// `x · Wᵀ` of a layer that is not packed for the CPU.
+    fn forward_unbiased(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        Ok(match &self.weight {
+            Weight::PackedBf16(..) => {
+                candle_core::bail!("a packed layer multiplies through forward_split_bias")
             }
+            #[cfg(feature = "cuda")]
+            Weight::Dense(w) if let Some(y) = super::cuda_fused::gemv(x, w)? => y,
             Weight::Dense(w) => match matvec::matvec(x, w)? {
                 Some(y) => y,
                 None => matmul_2d(x, w)?,
@@ -321,8 +348,14 @@ impl Module for Linear {
                     matmul_2d(x, &w)?
                 }
             }
-        };
-        match &self.bias {
+        })
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let (y, bias) = self.forward_split_bias(x)?;
+        match bias {
             Some(b) => y.broadcast_add(b),
             None => Ok(y),
         }
@@ -362,7 +395,17 @@ impl GatedLinear {
         if let Weight::PackedBf16(w, _) = &self.fused.weight {
             return packed_bf16_gated(x, w);
         }
+        #[cfg(feature = "cuda")]
+        if let Weight::Dense(w) = &self.fused.weight
+            && let Some(y) = super::cuda_fused::gemv_silu(x, w, self.width)?
+        {
+            return Ok(y);
+        }
         let y = self.fused.forward(x)?;
+        #[cfg(feature = "cuda")]
+        if super::cuda_fused::enabled(&y) {
+            return super::cuda_fused::silu_mul(&y, self.width);
+        }
         let last = y.rank() - 1;
         let gate = y.narrow(last, 0, self.width)?;
         let up = y.narrow(last, self.width, self.width)?;

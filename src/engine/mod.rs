@@ -13,6 +13,8 @@ pub mod config;
 mod cuda_attention;
 #[cfg(feature = "cuda")]
 mod cuda_flash;
+#[cfg(feature = "cuda")]
+mod cuda_fused;
 pub mod device_memory;
 pub mod error;
 mod fused_attention;
@@ -255,6 +257,7 @@ impl Qwen2Vl {
         }
         keep_freed_memory();
         device_memory::keep_freed_memory(&options.device);
+        device_memory::skip_buffer_events(&options.device);
         let vision =
             VisionTower::load(&config.vision, vb.pp(layout.vision)).map_err(tensor_error)?;
         let text = TextModel::load(

@@ -144,6 +144,9 @@ impl Default for GenerationOptions {
 pub struct TokenSampler {
     processor: LogitsProcessor,
     repetition_penalty: f32,
+    /// Argmax: on a GPU it runs on the device.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    greedy: bool,
 }
 
 impl TokenSampler {
@@ -168,7 +171,8 @@ impl TokenSampler {
                 "temperature {temperature} must be >= 0, top_p {top_p} in [0, 1], repetition_penalty {repetition_penalty} > 0"
             )));
         }
-        let sampling = if !do_sample || temperature == 0.0 || top_k == 1 {
+        let greedy = !do_sample || temperature == 0.0 || top_k == 1;
+        let sampling = if greedy {
             Sampling::ArgMax
         } else {
             match (top_k, top_p < 1.0) {
@@ -188,12 +192,18 @@ impl TokenSampler {
         Ok(Self {
             processor: LogitsProcessor::from_sampling(options.seed, sampling),
             repetition_penalty,
+            greedy,
         })
     }
 
     /// Picks the next token from `logits` `(vocab,)` given every token so far (prompt included,
     /// as the reference's repetition penalty does).
     pub fn next(&mut self, logits: &Tensor, context: &[u32]) -> Result<u32> {
+        #[cfg(feature = "cuda")]
+        if self.greedy && self.repetition_penalty == 1.0 && logits.device().is_cuda() {
+            // on the device: 8 bytes back instead of the whole vocabulary
+            return Ok(super::cuda_fused::argmax(logits)?);
+        }
         let logits = if self.repetition_penalty != 1.0 {
             candle_transformers::utils::apply_repeat_penalty(
                 logits,

@@ -35,19 +35,22 @@ impl KvCache {
         self.len = self.len.min(len);
     }
 
+    /// Makes `buffer` `(1, capacity, kv_heads, d)` hold at least `needed` positions (doubling),
+    /// keeping the first `used`.
     fn grow(
         buffer: &mut Option<Tensor>,
         used: usize,
-        src: &Tensor,
+        (kv_heads, d): (usize, usize),
+        dtype: DType,
+        device: &Device,
         needed: usize,
     ) -> candle_core::Result<()> {
         let capacity = buffer.as_ref().map_or(0, |b| b.dim(1).unwrap_or(0));
         if needed <= capacity {
             return Ok(());
         }
-        let mut shape = src.dims().to_vec();
-        shape[1] = needed.max(capacity * 2);
-        let bigger = Tensor::zeros(shape, src.dtype(), src.device())?;
+        let shape = (1, needed.max(capacity * 2), kv_heads, d);
+        let bigger = Tensor::zeros(shape, dtype, device)?;
         if let Some(old) = buffer.as_ref()
             && used > 0
         {
@@ -57,19 +60,44 @@ impl KvCache {
         Ok(())
     }
 
-    /// Appends `k`, `v` `(1, s, kv_heads, d)` and returns everything cached.
-    pub fn append(&mut self, k: &Tensor, v: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
-        let s = k.dim(1)?;
+    /// Room for `s` more positions of `kv_heads` heads of `d` values: the key and value buffers
+    /// `(1, capacity, kv_heads, d)` and the position where the new rows go. A kernel writes them
+    /// there; [`Self::commit`] then counts them.
+    pub fn reserve(
+        &mut self,
+        s: usize,
+        heads: (usize, usize),
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<(Tensor, Tensor, usize)> {
         let needed = self.len + s;
-        Self::grow(&mut self.k, self.len, k, needed)?;
-        Self::grow(&mut self.v, self.len, v, needed)?;
+        Self::grow(&mut self.k, self.len, heads, dtype, device, needed)?;
+        Self::grow(&mut self.v, self.len, heads, dtype, device, needed)?;
         let (Some(kb), Some(vb)) = (self.k.as_ref(), self.v.as_ref()) else {
             candle_core::bail!("KV cache buffers missing after growing");
         };
-        kb.slice_set(&k.contiguous()?, 1, self.len)?;
-        vb.slice_set(&v.contiguous()?, 1, self.len)?;
-        self.len = needed;
+        Ok((kb.clone(), vb.clone(), self.len))
+    }
+
+    /// Counts `s` positions written after [`Self::reserve`] and returns everything cached.
+    pub fn commit(&mut self, s: usize) -> candle_core::Result<(Tensor, Tensor)> {
+        let (Some(kb), Some(vb)) = (self.k.as_ref(), self.v.as_ref()) else {
+            candle_core::bail!("KV cache committed before it was reserved");
+        };
+        if self.len + s > kb.dim(1)? {
+            candle_core::bail!("KV cache: {} positions committed past its capacity", s);
+        }
+        self.len += s;
         Ok((kb.narrow(1, 0, self.len)?, vb.narrow(1, 0, self.len)?))
+    }
+
+    /// Appends `k`, `v` `(1, s, kv_heads, d)` and returns everything cached.
+    pub fn append(&mut self, k: &Tensor, v: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
+        let (_, s, kv_heads, d) = k.dims4()?;
+        let (kb, vb, at) = self.reserve(s, (kv_heads, d), k.dtype(), k.device())?;
+        kb.slice_set(&k.contiguous()?, 1, at)?;
+        vb.slice_set(&v.contiguous()?, 1, at)?;
+        self.commit(s)
     }
 }
 
@@ -194,6 +222,48 @@ impl Attention {
     }
 }
 
+#[cfg(feature = "cuda")]
+impl Attention {
+    /// attention(x) without the residual, through the fused CUDA kernels: the projection's bias,
+    /// the rotary embeddings and the KV cache writes are one launch.
+    fn forward_fused(
+        &self,
+        x: &Tensor,
+        rope: &RotaryTables,
+        cache: &mut KvCache,
+    ) -> candle_core::Result<Tensor> {
+        let (b, s, _) = x.dims3()?;
+        let device = x.device();
+        let (y, bias) = profile::phase("text.attention.qkv", device, || {
+            self.qkv_proj.forward_split_bias(x)
+        })?;
+        let (q, k, v) = profile::phase("text.attention.rope_cache", device, || {
+            let heads = (self.num_kv_heads, self.head_dim);
+            let (k_buf, v_buf, at) = cache.reserve(s, heads, x.dtype(), device)?;
+            let q = super::cuda_fused::bias_rope_cache(
+                &y,
+                bias,
+                &rope.cos,
+                &rope.sin,
+                (self.num_heads, self.num_kv_heads, self.head_dim),
+                &k_buf,
+                &v_buf,
+                at,
+            )?;
+            let (k, v) = cache.commit(s)?;
+            Ok::<_, candle_core::Error>((q, k, v))
+        })?;
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let out = profile::phase("text.attention.attend", device, || {
+            attention::causal(&q, &k, &v, scale)
+        })?;
+        profile::phase("text.attention.o_proj", device, || {
+            self.o_proj
+                .forward(&out.reshape((b, s, self.num_heads * self.head_dim))?)
+        })
+    }
+}
+
 struct DecoderLayer {
     attn: Attention,
     gate_up: GatedLinear,
@@ -224,20 +294,41 @@ impl DecoderLayer {
         })
     }
 
+    /// The layer on the residual stream `x` whose input norm `normed` is already computed;
+    /// returns the new stream and `next_norm` of it (the next layer's input norm, or the final
+    /// norm). On CUDA in bf16 each residual sum and the norm after it are one kernel.
     fn forward(
         &self,
         x: &Tensor,
+        normed: &Tensor,
         rope: &RotaryTables,
         cache: &mut KvCache,
-    ) -> candle_core::Result<Tensor> {
+        next_norm: &RmsNorm,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
         let device = x.device();
-        let normed = profile::phase("text.norm", device, || self.input_norm.forward(x))?;
-        let x = self.attn.forward_plus(&normed, x, rope, cache)?;
+        #[cfg(feature = "cuda")]
+        if super::cuda_fused::enabled(x) {
+            use super::cuda_fused::add_rmsnorm;
+            let attn = self.attn.forward_fused(normed, rope, cache)?;
+            let norm = &self.post_norm;
+            let (x, normed) = profile::phase("text.norm", device, || {
+                add_rmsnorm(x, &attn, norm.weight(), norm.eps())
+            })?;
+            let gated =
+                profile::phase("text.mlp.gate_up", device, || self.gate_up.forward(&normed))?;
+            let down = profile::phase("text.mlp.down", device, || self.down.forward(&gated))?;
+            return profile::phase("text.norm", device, || {
+                add_rmsnorm(&x, &down, next_norm.weight(), next_norm.eps())
+            });
+        }
+        let x = self.attn.forward_plus(normed, x, rope, cache)?;
         let normed = profile::phase("text.norm", device, || self.post_norm.forward(&x))?;
         let gated = profile::phase("text.mlp.gate_up", device, || self.gate_up.forward(&normed))?;
-        profile::phase("text.mlp.down", device, || {
+        let x = profile::phase("text.mlp.down", device, || {
             self.down.forward_plus(&gated, &x)
-        })
+        })?;
+        let normed = profile::phase("text.norm", device, || next_norm.forward(&x))?;
+        Ok((x, normed))
     }
 }
 
@@ -369,14 +460,18 @@ impl TextModel {
         if self.caches.len() != self.layers.len() {
             self.truncate_cache(0);
         }
+        let device = embeds.device();
         let mut x = embeds.clone();
-        for (layer, cache) in self.layers.iter().zip(self.caches.iter_mut()) {
-            x = layer.forward(&x, rope, cache)?;
+        // each layer returns its output and the next layer's input norm of it (the final norm
+        // after the last layer)
+        let first_norm = self.layers.first().map_or(&self.norm, |l| &l.input_norm);
+        let mut normed = profile::phase("text.norm", device, || first_norm.forward(&x))?;
+        for (i, (layer, cache)) in self.layers.iter().zip(self.caches.iter_mut()).enumerate() {
+            let next_norm = self.layers.get(i + 1).map_or(&self.norm, |l| &l.input_norm);
+            (x, normed) = layer.forward(&x, &normed, rope, cache, next_norm)?;
         }
-        let len = x.dim(1)?;
-        let last = x.narrow(1, len - 1, 1)?;
-        let device = x.device();
-        let last = profile::phase("text.norm", device, || self.norm.forward(&last))?;
+        let len = normed.dim(1)?;
+        let last = normed.narrow(1, len - 1, 1)?;
         profile::phase("text.lm_head", device, || {
             self.lm_head
                 .forward(&last)?

@@ -59,6 +59,30 @@ impl VisionAttention {
     ) -> candle_core::Result<Tensor> {
         let (n, dim) = x.dims2()?;
         let device = x.device();
+        #[cfg(feature = "cuda")]
+        if super::cuda_fused::enabled(x) {
+            // the bias joins the rotation: one pass from the projection to q, k, v
+            let (y, bias) = profile::phase("vision.attention.qkv", device, || {
+                self.qkv.forward_split_bias(x)
+            })?;
+            let (q, k, v) = profile::phase("vision.attention.rope", device, || {
+                super::cuda_fused::vision_qkv_rope(
+                    &y,
+                    bias,
+                    cos,
+                    sin,
+                    self.num_heads,
+                    self.head_dim,
+                )
+            })?;
+            let scale = 1.0 / (self.head_dim as f64).sqrt();
+            let out = profile::phase("vision.attention.attend", device, || {
+                attention::block_diagonal(&q, &k, &v, frame_lens, scale)
+            })?;
+            return profile::phase("vision.attention.proj", device, || {
+                self.proj.forward_plus(&out.reshape((n, dim))?, residual)
+            });
+        }
         let qkv = profile::phase("vision.attention.qkv", device, || self.qkv.forward(x))?
             .reshape((n, 3, self.num_heads, self.head_dim))?;
         // Rotary embeddings are applied in f32 and rounded back to the model's dtype, as the

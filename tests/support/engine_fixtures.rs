@@ -21,7 +21,8 @@ pub fn fixtures() -> PathBuf {
 pub fn test_device() -> Device {
     match std::env::var("VLAD_TEST_DEVICE").as_deref() {
         Err(_) | Ok("") | Ok("cpu") => Device::Cpu,
-        Ok("cuda") => Device::new_cuda(0).unwrap_or_else(|e| {
+        // one stream for every thread's work, as `vlad --device cuda` opens it
+        Ok("cuda") => Device::new_cuda_with_stream(0).unwrap_or_else(|e| {
             panic!("VLAD_TEST_DEVICE=cuda: cannot open CUDA device 0 ({e}); build the tests with --features cuda on a machine with an NVIDIA GPU")
         }),
         Ok(other) => panic!("VLAD_TEST_DEVICE={other:?}: expected cpu or cuda"),
