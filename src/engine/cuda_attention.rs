@@ -334,7 +334,8 @@ fn gemm(
     }
 }
 
-fn cuda_only(name: &str) -> Result<(CpuStorage, Shape)> {
+/// The CPU half of the CUDA-only custom ops.
+pub(super) fn cuda_only(name: &str) -> Result<(CpuStorage, Shape)> {
     candle_core::bail!("{name} runs on CUDA devices only")
 }
 

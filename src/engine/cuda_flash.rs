@@ -14,7 +14,8 @@ use candle_core::cuda_backend::{CudaStorage, WrapErr};
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use half::{bf16, f16};
 
-use super::cuda_attention::row_stride;
+use super::cuda_attention::{cuda_only, row_stride};
+use super::cuda_fused::{blocks, int};
 
 /// Head sizes `flash_attention.cu` is instantiated for.
 const HEAD_SIZES: [usize; 6] = [16, 32, 64, 80, 96, 128];
@@ -95,7 +96,7 @@ impl CustomOp3 for Flash {
         _: &CpuStorage,
         _: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        candle_core::bail!("{} runs on CUDA devices only", self.name())
+        cuda_only(self.name())
     }
 
     fn cuda_fwd(
@@ -123,16 +124,10 @@ impl CustomOp3 for Flash {
         };
         let device = q.device().clone();
         let func = device.get_or_load_custom_func(&name, "vlad_flash_attention", ptx()?)?;
-        let blocks = (s * rep).div_ceil(ROWS_PER_BLOCK);
-        let int = |x: usize, what: &str| {
-            i32::try_from(x).map_err(|_| candle_core::Error::Msg(format!("{x} {what}")))
-        };
         let config = LaunchConfig {
             grid_dim: (
-                u32::try_from(blocks)
-                    .map_err(|_| candle_core::Error::Msg(format!("{blocks} blocks")))?,
-                u32::try_from(kv_heads)
-                    .map_err(|_| candle_core::Error::Msg(format!("{kv_heads} heads")))?,
+                blocks(s * rep, ROWS_PER_BLOCK)?,
+                int(kv_heads, "heads")? as u32,
                 1,
             ),
             block_dim: (THREADS_PER_BLOCK, 1, 1),

@@ -22,6 +22,8 @@ use half::bf16;
 const SOURCE: &str = include_str!("fused_ops.cu");
 const MODULE: &str = "vlad_fused_ops";
 
+use super::cuda_attention::cuda_only;
+
 /// Whether the fused kernels take `x`: a bf16 tensor on a CUDA device, kernels that compile, and
 /// `VLAD_CUDA_FUSED` not `0`.
 pub fn enabled(x: &Tensor) -> bool {
@@ -51,10 +53,6 @@ fn ptx() -> Result<&'static str> {
     super::cuda_attention::compiled_ptx(&PTX, SOURCE, "fused_ops.cu", Some("compute_80"))
 }
 
-fn cuda_only(name: &str) -> Result<(CpuStorage, Shape)> {
-    candle_core::bail!("{name} runs on CUDA devices only")
-}
-
 /// The device address of `x`'s first element (bf16 or f32). The address stays valid while `x`
 /// lives; the work that uses it is queued on the device's one stream.
 fn address(x: &Tensor) -> Result<u64> {
@@ -71,11 +69,11 @@ fn address(x: &Tensor) -> Result<u64> {
     Ok(base + (layout.start_offset() * x.dtype().size_in_bytes()) as u64)
 }
 
-fn int(x: usize, what: &str) -> Result<i32> {
+pub(super) fn int(x: usize, what: &str) -> Result<i32> {
     i32::try_from(x).map_err(|_| candle_core::Error::Msg(format!("{x} {what} do not fit an int")))
 }
 
-fn blocks(total: usize, per_block: usize) -> Result<u32> {
+pub(super) fn blocks(total: usize, per_block: usize) -> Result<u32> {
     u32::try_from(total.div_ceil(per_block).max(1))
         .map_err(|_| candle_core::Error::Msg(format!("{total} elements: too many blocks")))
 }
@@ -423,10 +421,8 @@ fn rows_op(
         residual: residual.map(address).transpose()?.unwrap_or(0),
         kernel,
     };
-    // the bias and residual tensors live until the op has been queued
-    let out = y.apply_op1_no_bwd(&op);
-    drop(bias);
-    out
+    // `bias` (and the caller's residual) live until the kernel has been queued
+    y.apply_op1_no_bwd(&op)
 }
 
 struct RowsOp {
@@ -620,28 +616,17 @@ fn one_aligned_row(x: &Tensor) -> bool {
 /// `x · Wᵀ` for one row `x` `(.., k)` and `w` `(n, k)` bf16 (one decode token), without cuBLAS:
 /// `None` where the kernel does not apply (several rows, another dtype, unaligned rows).
 pub fn gemv(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
-    let Ok((n, k)) = w.dims2() else {
+    let Ok((n, _)) = w.dims2() else {
         return Ok(None);
     };
-    if !enabled(x)
-        || !one_aligned_row(x)
-        || x.elem_count() != k
-        || w.dtype() != DType::BF16
-        || !w.is_contiguous()
-        || !w.layout().start_offset().is_multiple_of(8)
-    {
-        return Ok(None);
-    }
-    let mut dims = x.dims().to_vec();
-    *dims.last_mut().expect("one row has a last dimension") = n;
-    let y = x.apply_op2_no_bwd(
+    one_row_product(
+        x,
         w,
-        &Gemv {
+        Gemv {
             rows: n,
-            silu_width: None,
+            gated: false,
         },
-    )?;
-    y.reshape(dims).map(Some)
+    )
 }
 
 /// `silu(x · Gᵀ) · (x · Uᵀ)` for one row `x` and the stacked `[G; U]` `w` `(2·width, k)`, with the
@@ -650,7 +635,20 @@ pub fn gemv_silu(x: &Tensor, w: &Tensor, width: usize) -> Result<Option<Tensor>>
     if !matches!(w.dims2(), Ok((rows, _)) if rows == 2 * width) {
         return Ok(None);
     }
-    let k = w.dim(1)?;
+    one_row_product(
+        x,
+        w,
+        Gemv {
+            rows: width,
+            gated: true,
+        },
+    )
+}
+
+/// `op` on one row `x` `(.., k)` and `w` `(_, k)`, the result `(.., op.rows)`; `None` where the
+/// one-row kernels do not apply.
+fn one_row_product(x: &Tensor, w: &Tensor, op: Gemv) -> Result<Option<Tensor>> {
+    let k = *w.dims().last().unwrap_or(&0);
     if !enabled(x)
         || !one_aligned_row(x)
         || x.elem_count() != k
@@ -661,19 +659,15 @@ pub fn gemv_silu(x: &Tensor, w: &Tensor, width: usize) -> Result<Option<Tensor>>
         return Ok(None);
     }
     let mut dims = x.dims().to_vec();
-    *dims.last_mut().expect("one row has a last dimension") = width;
-    let op = Gemv {
-        rows: width,
-        silu_width: Some(width),
-    };
+    *dims.last_mut().expect("one row has a last dimension") = op.rows;
     x.apply_op2_no_bwd(w, &op)?.reshape(dims).map(Some)
 }
 
 struct Gemv {
     /// Output values.
     rows: usize,
-    /// The gated form's width (gate rows first, then as many up rows).
-    silu_width: Option<usize>,
+    /// The gated form: `rows` gate rows of the weight, then as many up rows.
+    gated: bool,
 }
 
 impl CustomOp2 for Gemv {
@@ -707,7 +701,7 @@ impl CustomOp2 for Gemv {
             candle_core::bail!("{}: x {:?} for w {:?}", self.name(), xl.dims(), wl.dims());
         }
         let device = x.device().clone();
-        let kernel = if self.silu_width.is_some() {
+        let kernel = if self.gated {
             "gemv_silu_bf16"
         } else {
             "gemv_bf16"
@@ -770,7 +764,9 @@ pub fn decode_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Resul
         return Ok(None);
     };
     let splits = t.div_ceil(128);
-    let partial = device.alloc_zeros::<f32>(heads * splits * (d + 2))?;
+    // SAFETY: every (head, split) block writes all d + 2 values of its share before the
+    // combining kernel reads them.
+    let partial = unsafe { device.alloc::<f32>(heads * splits * (d + 2))? };
     let out = alloc_bf16(device, heads * d)?;
     let split_fn = device.get_or_load_custom_func("decode_attention_split_bf16", MODULE, ptx()?)?;
     let combine_fn =

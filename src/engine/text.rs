@@ -176,8 +176,75 @@ impl Attention {
         rope: &RotaryTables,
         cache: &mut KvCache,
     ) -> candle_core::Result<Tensor> {
+        let out = self.attend(x, rope, cache)?;
+        profile::phase("text.attention.o_proj", x.device(), || {
+            self.o_proj.forward_plus(&out, residual)
+        })
+    }
+
+    /// `attention(x)` without the residual.
+    #[cfg(feature = "cuda")]
+    fn forward(
+        &self,
+        x: &Tensor,
+        rope: &RotaryTables,
+        cache: &mut KvCache,
+    ) -> candle_core::Result<Tensor> {
+        let out = self.attend(x, rope, cache)?;
+        profile::phase("text.attention.o_proj", x.device(), || {
+            self.o_proj.forward(&out)
+        })
+    }
+
+    /// The attention heads' output `(b, s, heads · head_dim)` before the output projection; the
+    /// new keys and values are appended to `cache`.
+    fn attend(
+        &self,
+        x: &Tensor,
+        rope: &RotaryTables,
+        cache: &mut KvCache,
+    ) -> candle_core::Result<Tensor> {
+        let (b, s, _) = x.dims3()?;
+        let (q, k, v) = self.rotated_and_cached(x, rope, cache)?;
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let out = profile::phase("text.attention.attend", x.device(), || {
+            attention::causal(&q, &k, &v, scale)
+        })?;
+        out.reshape((b, s, self.num_heads * self.head_dim))
+    }
+
+    /// q `(b, s, heads, d)` rotated, and every cached key and value after `x`'s are appended.
+    /// On CUDA in bf16 the projection's bias, the rotations and the cache writes are one kernel.
+    fn rotated_and_cached(
+        &self,
+        x: &Tensor,
+        rope: &RotaryTables,
+        cache: &mut KvCache,
+    ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
         let (b, s, _) = x.dims3()?;
         let device = x.device();
+        #[cfg(feature = "cuda")]
+        if super::cuda_fused::enabled(x) {
+            let (y, bias) = profile::phase("text.attention.qkv", device, || {
+                self.qkv_proj.forward_split_bias(x)
+            })?;
+            return profile::phase("text.attention.rope_cache", device, || {
+                let heads = (self.num_kv_heads, self.head_dim);
+                let (k_buf, v_buf, at) = cache.reserve(s, heads, x.dtype(), device)?;
+                let q = super::cuda_fused::bias_rope_cache(
+                    &y,
+                    bias,
+                    &rope.cos,
+                    &rope.sin,
+                    (self.num_heads, self.num_kv_heads, self.head_dim),
+                    &k_buf,
+                    &v_buf,
+                    at,
+                )?;
+                let (k, v) = cache.commit(s)?;
+                Ok((q, k, v))
+            });
+        }
         let qkv = profile::phase("text.attention.qkv", device, || self.qkv_proj.forward(x))?;
         let (q_width, kv_width) = (
             self.num_heads * self.head_dim,
@@ -188,7 +255,7 @@ impl Attention {
             qkv.narrow(2, start, heads * self.head_dim)?
                 .reshape((b, s, heads, self.head_dim))
         };
-        let (q, k, v) = profile::phase("text.attention.rope_cache", device, || {
+        profile::phase("text.attention.rope_cache", device, || {
             let heads = [self.num_heads, self.num_kv_heads, self.num_kv_heads];
             if let Some((q, k, v)) =
                 split_rope::split_rotated(&qkv, heads, self.head_dim, &rope.cos, &rope.sin)?
@@ -207,59 +274,7 @@ impl Attention {
             let q = candle_nn::rotary_emb::rope_thd(&q.contiguous()?, &rope.cos, &rope.sin)?;
             let k = candle_nn::rotary_emb::rope_thd(&k.contiguous()?, &rope.cos, &rope.sin)?;
             let (k, v) = cache.append(&k, &v)?;
-            Ok::<_, candle_core::Error>((q, k, v))
-        })?;
-        let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let out = profile::phase("text.attention.attend", device, || {
-            attention::causal(&q, &k, &v, scale)
-        })?;
-        profile::phase("text.attention.o_proj", device, || {
-            self.o_proj.forward_plus(
-                &out.reshape((b, s, self.num_heads * self.head_dim))?,
-                residual,
-            )
-        })
-    }
-}
-
-#[cfg(feature = "cuda")]
-impl Attention {
-    /// attention(x) without the residual, through the fused CUDA kernels: the projection's bias,
-    /// the rotary embeddings and the KV cache writes are one launch.
-    fn forward_fused(
-        &self,
-        x: &Tensor,
-        rope: &RotaryTables,
-        cache: &mut KvCache,
-    ) -> candle_core::Result<Tensor> {
-        let (b, s, _) = x.dims3()?;
-        let device = x.device();
-        let (y, bias) = profile::phase("text.attention.qkv", device, || {
-            self.qkv_proj.forward_split_bias(x)
-        })?;
-        let (q, k, v) = profile::phase("text.attention.rope_cache", device, || {
-            let heads = (self.num_kv_heads, self.head_dim);
-            let (k_buf, v_buf, at) = cache.reserve(s, heads, x.dtype(), device)?;
-            let q = super::cuda_fused::bias_rope_cache(
-                &y,
-                bias,
-                &rope.cos,
-                &rope.sin,
-                (self.num_heads, self.num_kv_heads, self.head_dim),
-                &k_buf,
-                &v_buf,
-                at,
-            )?;
-            let (k, v) = cache.commit(s)?;
-            Ok::<_, candle_core::Error>((q, k, v))
-        })?;
-        let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let out = profile::phase("text.attention.attend", device, || {
-            attention::causal(&q, &k, &v, scale)
-        })?;
-        profile::phase("text.attention.o_proj", device, || {
-            self.o_proj
-                .forward(&out.reshape((b, s, self.num_heads * self.head_dim))?)
+            Ok((q, k, v))
         })
     }
 }
@@ -309,7 +324,7 @@ impl DecoderLayer {
         #[cfg(feature = "cuda")]
         if super::cuda_fused::enabled(x) {
             use super::cuda_fused::add_rmsnorm;
-            let attn = self.attn.forward_fused(normed, rope, cache)?;
+            let attn = self.attn.forward(normed, rope, cache)?;
             let norm = &self.post_norm;
             let (x, normed) = profile::phase("text.norm", device, || {
                 add_rmsnorm(x, &attn, norm.weight(), norm.eps())
