@@ -341,7 +341,12 @@ fn cli_generate_json_matches_the_reference() {
     assert_eq!(json["video_grid_thw"], c["video_grid_thw"]);
     assert_eq!(json["top_logits"].as_array().unwrap().len(), 5);
     assert_eq!(json["top_logits"][0][0], c["top_logits"][0][0]);
-    for key in ["vision_s", "prefill_s", "decode_tokens_per_s"] {
+    for key in [
+        "preprocess_s",
+        "vision_s",
+        "prefill_s",
+        "decode_tokens_per_s",
+    ] {
         assert!(json["timings"][key].as_f64().unwrap() >= 0.0, "{key}");
     }
 }
@@ -414,6 +419,7 @@ fn cli_bench_reports_one_row_per_size() {
     assert_eq!(rows[1]["grid_thw"], serde_json::json!([1, 16, 24]));
     for row in rows {
         for key in [
+            "preprocess_s",
             "vision_s",
             "prefill_s",
             "decode_tokens_per_s",

@@ -172,10 +172,11 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     if !json {
         writeln!(
             stdout,
-            "{:>10} {:>12} {:>7} {:>9} {:>10} {:>11} {:>9} {:>8} {:>10}{}",
+            "{:>10} {:>12} {:>7} {:>6} {:>9} {:>10} {:>11} {:>9} {:>8} {:>10}{}",
             "size",
             "grid t,h,w",
             "tokens",
+            "prep_s",
             "vision_s",
             "prefill_s",
             "decode_tok/s",
@@ -204,10 +205,11 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             let [t, h, w] = row.grid_thw;
             let _ = writeln!(
                 stdout,
-                "{:>10} {:>12} {:>7} {:>9.3} {:>10.3} {:>11.2} {:>11.1} {:>8.3} {:>10}{vram}",
+                "{:>10} {:>12} {:>7} {:>6.3} {:>9.3} {:>10.3} {:>11.2} {:>11.1} {:>8.3} {:>10}{vram}",
                 row.size,
                 format!("{t},{h},{w}"),
                 row.prompt_tokens,
+                row.preprocess_s,
                 row.vision_s,
                 row.prefill_s,
                 row.decode_tokens_per_s,

@@ -37,6 +37,7 @@ mod vision_cache;
 mod weight_buffer;
 pub mod weights;
 
+use std::borrow::Borrow;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -97,6 +98,10 @@ pub enum FinishReason {
 /// Seconds spent in each phase of one generation.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct Timings {
+    /// The host's share before the model: chat template, tokens, image resizing and patches,
+    /// content hashes.
+    pub preprocess_s: f64,
+    /// From the patch values on the host to the vision features (upload included).
     pub vision_s: f64,
     pub prefill_s: f64,
     pub decode_tokens_per_s: f64,
@@ -308,18 +313,13 @@ impl Qwen2Vl {
     }
 
     /// Runs the vision tower over media items; returns the merged embeddings `(tokens, hidden)`.
-    pub fn encode_media(&self, media: &[PatchedMedia]) -> Result<Option<Tensor>> {
+    pub fn encode_media<M: Borrow<PatchedMedia>>(&self, media: &[M]) -> Result<Option<Tensor>> {
         if media.is_empty() {
             return Ok(None);
         }
-        let row_len = self.config.vision.patch_row_len();
-        let rows: usize = media.iter().map(|m| m.rows).sum();
-        let mut values = Vec::with_capacity(rows * row_len);
-        for m in media {
-            values.extend_from_slice(&m.values);
-        }
-        let pixels = Tensor::from_vec(values, (rows, row_len), &self.device)?;
-        let grids: Vec<GridThw> = media.iter().map(|m| m.grid_thw).collect();
+        let values: Vec<&[f32]> = media.iter().map(|m| m.borrow().values.as_slice()).collect();
+        let pixels = self.vision.input(&values, &self.device)?;
+        let grids: Vec<GridThw> = media.iter().map(|m| m.borrow().grid_thw).collect();
         Ok(Some(self.vision.forward(&pixels, &grids)?))
     }
 
@@ -327,7 +327,7 @@ impl Qwen2Vl {
     /// media's content hashes) and encoding the rest in one pass.
     fn encode_media_cached(
         &mut self,
-        media: &[PatchedMedia],
+        media: &[&PatchedMedia],
         hashes: &[u64],
     ) -> Result<Option<Tensor>> {
         if media.is_empty() {
@@ -336,11 +336,11 @@ impl Qwen2Vl {
         let mut found: Vec<Option<Tensor>> =
             hashes.iter().map(|h| self.vision_cache.get(*h)).collect();
         self.reused_media += found.iter().filter(|hit| hit.is_some()).count();
-        let missing: Vec<PatchedMedia> = media
+        let missing: Vec<&PatchedMedia> = media
             .iter()
             .zip(&found)
             .filter(|(_, hit)| hit.is_none())
-            .map(|(m, _)| m.clone())
+            .map(|(m, _)| *m)
             .collect();
         if let Some(fresh) = self.encode_media(&missing)? {
             let merge = self.config.vision.spatial_merge_size.pow(2);
@@ -429,6 +429,7 @@ impl Qwen2Vl {
                 "max_new_tokens must be at least 1".into(),
             ));
         }
+        let preprocess_start = Instant::now();
         let prepared = self.prepare(prompt)?;
         let mut sampler = TokenSampler::new(options, &self.generation_config)?;
         let ids = &prepared.input_ids;
@@ -437,6 +438,7 @@ impl Qwen2Vl {
         let special = self.processor.special_tokens();
         let image_hashes: Vec<u64> = prepared.images.iter().map(prefix::media_hash).collect();
         let video_hashes: Vec<u64> = prepared.videos.iter().map(prefix::media_hash).collect();
+        let preprocess_s = preprocess_start.elapsed().as_secs_f64();
         let spans = prefix::media_spans(
             ids,
             special.image_pad.1,
@@ -462,27 +464,31 @@ impl Qwen2Vl {
                 .map(|s| s.start)
                 .collect()
         };
-        let after_prefix = |media: &[PatchedMedia],
-                            hashes: &[u64],
-                            starts: Vec<usize>|
-         -> (Vec<PatchedMedia>, Vec<u64>) {
+        fn after_prefix<'a>(
+            media: &'a [PatchedMedia],
+            hashes: &[u64],
+            starts: Vec<usize>,
+            reused: usize,
+        ) -> (Vec<&'a PatchedMedia>, Vec<u64>) {
             media
                 .iter()
                 .zip(hashes)
                 .zip(starts)
                 .filter(|(_, start)| *start >= reused)
-                .map(|((m, h), _)| (m.clone(), *h))
+                .map(|((m, h), _)| (m, *h))
                 .unzip()
-        };
+        }
         let (new_images, new_image_hashes) = after_prefix(
             &prepared.images,
             &image_hashes,
             starts_of(special.image_pad.1),
+            reused,
         );
         let (new_videos, new_video_hashes) = after_prefix(
             &prepared.videos,
             &video_hashes,
             starts_of(special.video_pad.1),
+            reused,
         );
         let (image_embeds, video_embeds) = if options.reuse_cache {
             (
@@ -577,6 +583,7 @@ impl Qwen2Vl {
             top_logits,
             finish_reason: finish,
             timings: Timings {
+                preprocess_s,
                 vision_s,
                 prefill_s,
                 decode_tokens_per_s: if decode_s > 0.0 {

@@ -3,7 +3,7 @@
 //! [`CachedPrefix`] remembers which tokens (and which media, by content hash) the cache holds and
 //! finds how much of a new prompt it already covers.
 
-use std::hash::{Hash, Hasher};
+use std::hash::{BuildHasher, Hash, Hasher};
 
 use super::image::PatchedMedia;
 
@@ -16,14 +16,17 @@ pub struct MediaSpan {
 }
 
 /// Hash of a media item's patch values and grid (identical pixels → identical hash).
+/// A 1080p screenshot is 50 MB of values: foldhash reads them 64 bytes per step (SipHash, one value
+/// at a time, took ~50 ms there).
 pub fn media_hash(media: &PatchedMedia) -> u64 {
-    let mut h = std::collections::hash_map::DefaultHasher::new();
+    let mut h = foldhash::quality::FixedState::with_seed(MEDIA_HASH_SEED).build_hasher();
     media.grid_thw.hash(&mut h);
-    for v in &media.values {
-        v.to_bits().hash(&mut h);
-    }
+    h.write(bytemuck::cast_slice(&media.values));
     h.finish()
 }
+
+/// Any fixed value: hashes only need to agree within one process.
+const MEDIA_HASH_SEED: u64 = 0x7661_6c64;
 
 /// Locates the media blocks of `ids`: runs of `pad_ids`, paired in order with `hashes` (images
 /// and videos are matched to their own pad id).

@@ -4,6 +4,7 @@
 
 use candle_core::{DType, Device, IndexOp, Module, Tensor};
 use candle_nn::{LayerNorm, LayerNormConfig, VarBuilder};
+use rayon::prelude::*;
 
 use super::attention;
 use super::config::VisionConfig;
@@ -199,6 +200,25 @@ impl VisionTower {
         })
     }
 
+    /// The tower's input tensor on `device` from the patch rows of several media items (in
+    /// order), already in the tower's dtype. The values are converted on the host, spread over
+    /// rayon's threads, so a GPU upload carries half the bytes in bf16/f16; the rounding is
+    /// candle's cast (to nearest, ties to even), so the bits equal a cast on the device.
+    pub fn input(&self, media: &[&[f32]], device: &Device) -> candle_core::Result<Tensor> {
+        let row_len = self.cfg.patch_row_len();
+        let total: usize = media.iter().map(|m| m.len()).sum();
+        if !total.is_multiple_of(row_len) {
+            candle_core::bail!("vision input has {total} values, not whole rows of {row_len}");
+        }
+        let shape = (total / row_len, row_len);
+        match self.dtype {
+            DType::BF16 => Tensor::from_vec(gather(media, half::bf16::from_f32), shape, device),
+            DType::F16 => Tensor::from_vec(gather(media, half::f16::from_f32), shape, device),
+            DType::F32 => Tensor::from_vec(gather(media, |v| v), shape, device),
+            other => Tensor::from_vec(gather(media, |v| v), shape, device)?.to_dtype(other),
+        }
+    }
+
     /// Runs the tower over the patch rows of several media items (`grids` in order).
     pub fn forward(&self, patches: &Tensor, grids: &[GridThw]) -> candle_core::Result<Tensor> {
         // on one of rayon's threads, as the decoder does (see `TextModel::forward`)
@@ -266,4 +286,24 @@ impl VisionTower {
         let freqs = Tensor::from_vec(freqs, (total, rot_dim), device)?;
         Ok((freqs.cos()?, freqs.sin()?))
     }
+}
+
+/// The values of `media` one after another, each converted by `convert`, in parallel.
+fn gather<T: Copy + Default + Send>(media: &[&[f32]], convert: impl Fn(f32) -> T + Sync) -> Vec<T> {
+    const CHUNK: usize = 1 << 16;
+    let total = media.iter().map(|m| m.len()).sum();
+    let mut out = vec![T::default(); total];
+    let mut rest = out.as_mut_slice();
+    for values in media {
+        let (dst, tail) = rest.split_at_mut(values.len());
+        rest = tail;
+        dst.par_chunks_mut(CHUNK)
+            .zip(values.par_chunks(CHUNK))
+            .for_each(|(dst, src)| {
+                for (d, &s) in dst.iter_mut().zip(src) {
+                    *d = convert(s);
+                }
+            });
+    }
+    out
 }

@@ -48,6 +48,7 @@ pub(crate) fn completion_of(generation: Generation) -> Completion {
         stop,
         tokens: Some(generation.token_ids.len()),
         timings: json!({
+            "preprocess_s": t.preprocess_s,
             "vision_s": t.vision_s,
             "prefill_s": t.prefill_s,
             "decode_tokens_per_s": t.decode_tokens_per_s,

@@ -11,6 +11,7 @@ mod resample;
 use std::path::{Path, PathBuf};
 
 use image::DynamicImage;
+use rayon::prelude::*;
 use serde::Deserialize;
 
 /// The 8-bit RGB image type this module takes and returns (from the `image` crate).
@@ -623,9 +624,16 @@ fn patchify(
     let mut values = vec![0.0f32; rows * row_len];
     let frame_len = p * p; // values of one channel of one frame in a row
     let plane = tp * frame_len; // values of one channel in a row
-    let mut out_rows = values.chunks_exact_mut(row_len);
-    for group in frames.chunks_exact(tp) {
-        for bh in 0..gh / m {
+    // One task per row of merge blocks (`gw · m` patches) of one temporal group; rows of patches
+    // follow the reference's order: groups, block rows, block columns, then 2×2 inside a block.
+    let block_row_len = (gw * m * row_len).max(1);
+    values
+        .par_chunks_exact_mut(block_row_len)
+        .enumerate()
+        .for_each(|(index, block_row)| {
+            let group = &frames[(index / (gh / m)) * tp..][..tp];
+            let bh = index % (gh / m);
+            let mut out_rows = block_row.chunks_exact_mut(row_len);
             for bw in 0..gw / m {
                 for mh in 0..m {
                     for mw in 0..m {
@@ -664,8 +672,7 @@ fn patchify(
                     }
                 }
             }
-        }
-    }
+        });
     Ok(PatchedMedia {
         values,
         rows,

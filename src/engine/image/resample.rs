@@ -2,9 +2,11 @@
 //!
 //! A port of the 8-bit path of Pillow's `libImaging/Resample.c`: double-precision filter weights
 //! normalised per output pixel, converted to 22-bit fixed point, a horizontal pass over the rows the
-//! vertical pass needs, rounded and clipped to `u8`, then a vertical pass.
+//! vertical pass needs, rounded and clipped to `u8`, then a vertical pass. Output rows are
+//! independent, so each pass spreads them over rayon's threads.
 
 use image::RgbImage;
+use rayon::prelude::*;
 
 /// Bicubic kernel support (taps on each side of the centre at scale 1).
 const BICUBIC_SUPPORT: f64 = 2.0;
@@ -102,23 +104,28 @@ fn resample_horizontal(
 ) -> Vec<u8> {
     let out_w = c.start.len();
     let mut out = vec![0u8; out_w * out_h * 3];
-    for yy in 0..out_h {
-        let src_row = &src[(yy + row_offset) * src_w * 3..][..src_w * 3];
-        let out_row = &mut out[yy * out_w * 3..][..out_w * 3];
-        for (xx, px) in out_row.chunks_exact_mut(3).enumerate() {
-            let k = &c.weights[xx * c.ksize..][..c.len[xx]];
-            let taps = &src_row[c.start[xx] * 3..][..c.len[xx] * 3];
-            let (mut s0, mut s1, mut s2) = (HALF, HALF, HALF);
-            for (&w, p) in k.iter().zip(taps.chunks_exact(3)) {
-                s0 = s0.wrapping_add(i32::from(p[0]).wrapping_mul(w));
-                s1 = s1.wrapping_add(i32::from(p[1]).wrapping_mul(w));
-                s2 = s2.wrapping_add(i32::from(p[2]).wrapping_mul(w));
-            }
-            px[0] = clip8(s0);
-            px[1] = clip8(s1);
-            px[2] = clip8(s2);
-        }
+    if out.is_empty() {
+        return out;
     }
+    // rows are independent: one output row per task, the same arithmetic as one thread
+    out.par_chunks_exact_mut(out_w * 3)
+        .enumerate()
+        .for_each(|(yy, out_row)| {
+            let src_row = &src[(yy + row_offset) * src_w * 3..][..src_w * 3];
+            for (xx, px) in out_row.chunks_exact_mut(3).enumerate() {
+                let k = &c.weights[xx * c.ksize..][..c.len[xx]];
+                let taps = &src_row[c.start[xx] * 3..][..c.len[xx] * 3];
+                let (mut s0, mut s1, mut s2) = (HALF, HALF, HALF);
+                for (&w, p) in k.iter().zip(taps.chunks_exact(3)) {
+                    s0 = s0.wrapping_add(i32::from(p[0]).wrapping_mul(w));
+                    s1 = s1.wrapping_add(i32::from(p[1]).wrapping_mul(w));
+                    s2 = s2.wrapping_add(i32::from(p[2]).wrapping_mul(w));
+                }
+                px[0] = clip8(s0);
+                px[1] = clip8(s1);
+                px[2] = clip8(s2);
+            }
+        });
     out
 }
 
@@ -128,22 +135,26 @@ fn resample_vertical(src: &[u8], w: usize, row_shift: usize, c: &Coeffs) -> Vec<
     let out_h = c.start.len();
     let stride = w * 3;
     let mut out = vec![0u8; stride * out_h];
-    let mut acc = vec![0i32; stride];
-    for yy in 0..out_h {
-        let k = &c.weights[yy * c.ksize..][..c.len[yy]];
-        let first = c.start[yy] - row_shift;
-        acc.fill(HALF);
-        for (y, &w) in k.iter().enumerate() {
-            let row = &src[(first + y) * stride..][..stride];
-            for (a, &p) in acc.iter_mut().zip(row) {
-                *a = a.wrapping_add(i32::from(p).wrapping_mul(w));
-            }
-        }
-        let out_row = &mut out[yy * stride..][..stride];
-        for (o, &a) in out_row.iter_mut().zip(&acc) {
-            *o = clip8(a);
-        }
+    if out.is_empty() {
+        return out;
     }
+    out.par_chunks_exact_mut(stride).enumerate().for_each_init(
+        || vec![0i32; stride],
+        |acc, (yy, out_row)| {
+            let k = &c.weights[yy * c.ksize..][..c.len[yy]];
+            let first = c.start[yy] - row_shift;
+            acc.fill(HALF);
+            for (y, &w) in k.iter().enumerate() {
+                let row = &src[(first + y) * stride..][..stride];
+                for (a, &p) in acc.iter_mut().zip(row) {
+                    *a = a.wrapping_add(i32::from(p).wrapping_mul(w));
+                }
+            }
+            for (o, &a) in out_row.iter_mut().zip(acc.iter()) {
+                *o = clip8(a);
+            }
+        },
+    );
     out
 }
 
@@ -222,10 +233,7 @@ pub fn resize_bicubic_compat(
             &precompute_coeffs(in_w, new_w),
         )
     };
-    let mut out = RgbImage::new(new_w, new_h);
-    let dst: &mut [u8] = &mut out;
-    dst.copy_from_slice(&pixels);
-    out
+    RgbImage::from_raw(new_w, new_h, pixels).expect("a resampled image has new_w·new_h pixels")
 }
 
 #[cfg(test)]
