@@ -101,6 +101,69 @@ fn generation_stops_at_an_end_of_sequence_token_from_generation_config() {
     assert_eq!(out.finish_reason, FinishReason::Eos(tokens[stop_at]));
     let text_without_eos = model.processor().decode(&tokens[..stop_at]).unwrap();
     assert_eq!(out.text, text_without_eos);
+    // pipelined, the end-of-sequence token is fed before it is known: same reply
+    model.set_decode_pipelining(Some(true));
+    let piped = model.generate(&prompt, &greedy(12), |_| {}).unwrap();
+    assert_eq!(piped.token_ids, out.token_ids);
+    assert_eq!(piped.finish_reason, out.finish_reason);
+    assert_eq!(piped.text, out.text);
+}
+
+#[test]
+fn pipelined_decoding_gives_the_same_replies_and_leaves_a_reusable_cache() {
+    let mut piped = load("tiny-a", DType::F32);
+    piped.set_decode_pipelining(Some(true));
+    // ended by a stop string: the token after it was fed ahead and must leave the cache
+    let c = case("image_333x217_tiny-a");
+    let full = c["greedy_text"].as_str().unwrap();
+    let stop = " They";
+    let mut prompt = Prompt::from_json_messages(&c["messages"], &fixtures()).unwrap();
+    let options = GenerationOptions {
+        stop_strings: vec![stop.to_string()],
+        ..greedy(12)
+    };
+    let mut streamed = String::new();
+    let out = piped
+        .generate(&prompt, &options, |t| streamed.push_str(t))
+        .unwrap();
+    assert_eq!(
+        out.finish_reason,
+        FinishReason::StopString(stop.to_string())
+    );
+    assert_eq!(out.text, &full[..full.find(stop).unwrap()]);
+    assert_eq!(streamed, out.text);
+
+    // the next turn reuses what that call left in the cache, and agrees with a fresh model
+    prompt
+        .messages
+        .push(Message::text("assistant", out.text.clone()));
+    prompt
+        .messages
+        .push(Message::text("user", "And what is on the left?"));
+    let next = assert_same_as_fresh(&mut piped, &prompt, "tiny-a");
+    assert!(
+        next.reused_prompt_tokens >= out.prompt_token_ids.len(),
+        "reused {} of {}",
+        next.reused_prompt_tokens,
+        out.prompt_token_ids.len()
+    );
+
+    // ended by the token budget: nothing is fed ahead of the last token
+    let c = case("images_two_turns");
+    let prompt = Prompt::from_json_messages(&c["messages"], &fixtures()).unwrap();
+    let out = piped.generate(&prompt, &greedy(12), |_| {}).unwrap();
+    assert_eq!(out.finish_reason, FinishReason::MaxTokens);
+    assert_eq!(out.text, c["greedy_text"].as_str().unwrap());
+    assert_eq!(Value::from(out.token_ids.clone()), c["greedy_tokens"]);
+
+    // in bf16 too, where on a GPU the fed token stays on the device
+    let mut plain = load("tiny-a", DType::BF16);
+    plain.set_decode_pipelining(Some(false));
+    let mut piped = load("tiny-a", DType::BF16);
+    piped.set_decode_pipelining(Some(true));
+    let expected = plain.generate(&prompt, &greedy(12), |_| {}).unwrap();
+    let out = piped.generate(&prompt, &greedy(12), |_| {}).unwrap();
+    assert_eq!(out.token_ids, expected.token_ids);
 }
 
 #[test]

@@ -11,7 +11,7 @@ use std::sync::{Once, OnceLock};
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaSlice, DevicePtr, LaunchConfig, PushKernelArg,
+    CudaSlice, DevicePtr, LaunchConfig, PinnedHostSlice, PushKernelArg,
 };
 use candle_core::cuda_backend::{CudaDevice, CudaStorage, WrapErr};
 use candle_core::{
@@ -354,6 +354,17 @@ pub fn argmax(logits: &Tensor) -> Result<u32> {
     let Device::Cuda(device) = logits.device() else {
         candle_core::bail!("argmax: logits off the CUDA device");
     };
+    let key = launch_argmax(logits)?;
+    token_of(device.cuda_stream().clone_dtoh(&key).w()?[0])
+}
+
+/// Queues the argmax kernel; the result is a packed key in device memory (see `argmax_key` in
+/// the .cu file: the ordered value above, the complemented index below; 0 when every logit is
+/// NaN).
+fn launch_argmax(logits: &Tensor) -> Result<CudaSlice<u64>> {
+    let Device::Cuda(device) = logits.device() else {
+        candle_core::bail!("argmax: logits off the CUDA device");
+    };
     let logits = logits.flatten_all()?.contiguous()?;
     if logits.dtype() != DType::F32 || logits.elem_count() == 0 {
         candle_core::bail!("argmax: {:?} logits of {:?}", logits.dtype(), logits.dims());
@@ -368,18 +379,138 @@ pub fn argmax(logits: &Tensor) -> Result<u32> {
         shared_mem_bytes: 0,
     };
     let n_arg = n as i64;
-    {
-        let mut launch = func.builder();
-        launch.arg(&view_address).arg(&n_arg).arg(&best);
-        // SAFETY: the logits hold n contiguous f32 values and live past the copy below, which
-        // waits for the kernel; `best` is one zeroed u64.
-        unsafe { launch.launch(config) }.w()?;
-    }
-    let key = device.cuda_stream().clone_dtoh(&best).w()?[0];
+    let mut launch = func.builder();
+    launch.arg(&view_address).arg(&n_arg).arg(&best);
+    // SAFETY: the logits hold n contiguous f32 values; their memory is released, if at all,
+    // by a free queued behind this kernel on the same stream. `best` is one zeroed u64.
+    unsafe { launch.launch(config) }.w()?;
+    Ok(best)
+}
+
+/// The token of a packed argmax key.
+fn token_of(key: u64) -> Result<u32> {
     if key == 0 {
         candle_core::bail!("argmax: every logit is NaN");
     }
     Ok(!(key as u32))
+}
+
+/// Pinned host memory for one token coming back from the device (see [`argmax_start`]).
+pub struct TokenSlot(PinnedHostSlice<u64>);
+
+impl TokenSlot {
+    pub fn new(device: &Device) -> Result<Self> {
+        let Device::Cuda(device) = device else {
+            candle_core::bail!("token slot: not a CUDA device");
+        };
+        // SAFETY: the slot is only read after a copy into it has completed (`DeviceToken::wait`).
+        let slot = unsafe {
+            device
+                .cuda_stream()
+                .context()
+                .alloc_pinned_with_flags::<u64>(1, 0)
+        };
+        Ok(Self(slot.w()?))
+    }
+}
+
+/// A greedy token still on the device: its argmax key, which the next step's embedding reads
+/// there, and a copy of the key on its way to pinned host memory. Work queued after it does not
+/// delay [`DeviceToken::wait`], so the host can queue the next step before it knows the token.
+pub struct DeviceToken {
+    key: CudaSlice<u64>,
+    slot: TokenSlot,
+}
+
+/// Queues the argmax of `logits` (f32) and the copy of its result into `slot`, without waiting.
+pub fn argmax_start(logits: &Tensor, mut slot: TokenSlot) -> Result<DeviceToken> {
+    let Device::Cuda(device) = logits.device() else {
+        candle_core::bail!("argmax: logits off the CUDA device");
+    };
+    let key = launch_argmax(logits)?;
+    // into pinned memory the copy is asynchronous; the slot's event marks its end
+    device.cuda_stream().memcpy_dtoh(&key, &mut slot.0).w()?;
+    Ok(DeviceToken { key, slot })
+}
+
+impl DeviceToken {
+    /// Waits for this token's copy only, not for the work queued after it; gives the slot back
+    /// for the next token.
+    pub fn wait(self) -> Result<(u32, TokenSlot)> {
+        let key = self.slot.0.as_slice().w()?[0];
+        drop(self.key);
+        Ok((token_of(key)?, self.slot))
+    }
+
+    /// The token's row of the embedding table `(vocab, hidden)` (bf16, contiguous) as
+    /// `(1, 1, hidden)`, read on the device. An unusable key (every logit NaN) reads row 0; the
+    /// host learns of it from [`DeviceToken::wait`].
+    pub fn embedding(&self, table: &Tensor) -> Result<Tensor> {
+        let stream = match table.device() {
+            Device::Cuda(device) => device.cuda_stream(),
+            _ => candle_core::bail!("embedding: table off the CUDA device"),
+        };
+        let key = self.key.device_ptr(&stream).0;
+        let (_, hidden) = table.dims2()?;
+        table
+            .contiguous()?
+            .apply_op1_no_bwd(&EmbedKey { key })?
+            .reshape((1, 1, hidden))
+    }
+}
+
+struct EmbedKey {
+    /// Device address of the packed argmax key.
+    key: u64,
+}
+
+impl CustomOp1 for EmbedKey {
+    fn name(&self) -> &'static str {
+        "cuda-embed-key"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        cuda_only(self.name())
+    }
+
+    fn cuda_fwd(&self, table: &CudaStorage, layout: &Layout) -> Result<(CudaStorage, Shape)> {
+        let (Some((o0, o1)), [vocab, hidden]) = (layout.contiguous_offsets(), layout.dims()) else {
+            candle_core::bail!(
+                "{}: the table must be contiguous (vocab, hidden)",
+                self.name()
+            );
+        };
+        if table.dtype() != DType::BF16 {
+            candle_core::bail!("{}: {:?} table, bf16 expected", self.name(), table.dtype());
+        }
+        let device = table.device().clone();
+        let func = device.get_or_load_custom_func("embed_key_bf16", MODULE, ptx()?)?;
+        let out = alloc_bf16(&device, *hidden)?;
+        let config = LaunchConfig {
+            grid_dim: (blocks(*hidden, 256)?, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (vocab, hidden_arg) = (int(*vocab, "table rows")?, int(*hidden, "columns")?);
+        {
+            let view = table.as_cuda_slice::<bf16>()?.slice(o0..o1);
+            let mut launch = func.builder();
+            launch
+                .arg(&self.key)
+                .arg(&view)
+                .arg(&vocab)
+                .arg(&hidden_arg)
+                .arg(&out);
+            // SAFETY: `key` is a live u64 on this stream's device (its `DeviceToken` outlives the
+            // launch and frees it, if at all, behind it); the table holds vocab × hidden values,
+            // the output hidden.
+            unsafe { launch.launch(config) }.w()?;
+        }
+        Ok((
+            CudaStorage::wrap_cuda_slice(out, device),
+            Shape::from(vec![*hidden]),
+        ))
+    }
 }
 
 /// `quick_gelu(y + bias)` (`h · sigmoid(1.702 · h)`) of a linear layer's output `y` (unit-stride

@@ -144,6 +144,18 @@ argmax_f32(const float *x, long long n, unsigned long long *best) {
     }
 }
 
+// The embedding row of a greedy token still on the device: `key` is argmax_f32's result (the
+// complemented index in its low half; 0 when every logit was NaN, which the host reports, so row
+// 0 stands in). out = table[id] (hidden values).
+extern "C" __global__ void embed_key_bf16(const unsigned long long *key, const u16 *table,
+                                          int vocab, int hidden, u16 *out) {
+    const unsigned long long k = *key;
+    unsigned int id = ~(unsigned int)k;
+    if (k == 0ull || id >= (unsigned int)vocab) id = 0;
+    for (int c = blockIdx.x * blockDim.x + threadIdx.x; c < hidden; c += gridDim.x * blockDim.x)
+        out[c] = table[(long long)id * hidden + c];
+}
+
 // Vision tower steps (bf16 values, f32 rotary tables):
 //   bias_quick_gelu: h = y + bias (rounded), out = h · sigmoid(1.702 · h) in f32, rounded once;
 //   bias_residual: out = residual + (y + bias) (each sum rounded, as two bf16 adds);

@@ -54,7 +54,7 @@ pub use sampling::{GenerationConfig, GenerationOptions};
 pub use weights::DEFAULT_MODEL;
 
 use self::image::PatchedMedia;
-use sampling::TokenSampler;
+use sampling::{PendingToken, TokenSampler};
 use text::TextModel;
 use vision::VisionTower;
 
@@ -145,6 +145,8 @@ pub struct Qwen2Vl {
     vision_cache: vision_cache::VisionCache,
     /// Cache hits of the current call (reported in [`Generation::reused_media`]).
     reused_media: usize,
+    /// See [`Self::set_decode_pipelining`].
+    decode_pipelining: Option<bool>,
 }
 
 impl Qwen2Vl {
@@ -285,6 +287,7 @@ impl Qwen2Vl {
             cached: prefix::CachedPrefix::default(),
             vision_cache: vision_cache::VisionCache::default(),
             reused_media: 0,
+            decode_pipelining: None,
         })
     }
 
@@ -529,14 +532,39 @@ impl Qwen2Vl {
         let mut generated: Vec<u32> = Vec::new();
         let mut stream = TextStream::new(&options.stop_strings);
         let mut finish = FinishReason::MaxTokens;
+        // Pipelined (greedy on a GPU): each token is fed to the next step while it is still on
+        // its way back, so the host queues step N+1 before it reads token N and the device never
+        // waits for the host's per-token work. A token that ends the reply has then been fed
+        // for nothing; the cache forgets it below.
+        let pipelined = self.decode_pipelined() && sampler.context_free();
+        let on_device = pipelined && self.device_embeddings();
+        let mut picks = sampling::Picks::default();
+        let mut decode_rope = text::DecodeRope::new(
+            self.text.cached_len() as i64 + prepared.positions.delta,
+            self.dtype,
+            &self.device,
+        );
+        let mut queued: Option<PendingToken> = None;
         let decode_start = Instant::now();
         for step in 0..options.max_new_tokens {
             if options.is_cancelled() {
                 finish = FinishReason::Cancelled;
                 break;
             }
-            let token =
-                profile::phase("sampling", &self.device, || sampler.next(&logits, &context))?;
+            let last = step + 1 == options.max_new_tokens;
+            let pending = match queued.take() {
+                Some(pending) => pending,
+                None => profile::phase("sampling", &self.device, || {
+                    picks.start(&mut sampler, &logits, &context, on_device)
+                })?,
+            };
+            if pipelined && !last {
+                logits = self.decode_step(&pending, &mut decode_rope, step)?;
+                queued = Some(profile::phase("sampling", &self.device, || {
+                    picks.start(&mut sampler, &logits, &[], on_device)
+                })?);
+            }
+            let token = picks.wait(pending)?;
             generated.push(token);
             context.push(token);
             if !options.ignore_eos && self.eos_ids.contains(&token) {
@@ -548,24 +576,17 @@ impl Qwen2Vl {
                 finish = FinishReason::StopString(stop);
                 break;
             }
-            if step + 1 == options.max_new_tokens {
+            if last {
                 break;
             }
-            let position = (self.text.cached_len() as i64) + prepared.positions.delta;
-            let rope = profile::phase("rope_tables", &self.device, || {
-                text::mrope_tables(
-                    &self.config.text,
-                    [&[position], &[position], &[position]],
-                    self.dtype,
-                    &self.device,
-                )
-            })?;
-            let embed = profile::phase("embeddings", &self.device, || {
-                self.text
-                    .embed(&Tensor::new(&[token], &self.device)?.unsqueeze(0)?)
-            })?;
-            logits = self.text.forward(&embed, &rope)?;
+            if !pipelined {
+                logits = self.decode_step(&PendingToken::Ready(token), &mut decode_rope, step)?;
+            }
             fed.push(token);
+        }
+        // the cache holds exactly the fed tokens (a token fed ahead of the end is dropped)
+        if self.text.cached_len() > fed.len() {
+            self.text.truncate_cache(fed.len());
         }
         self.cached = prefix::CachedPrefix {
             ids: fed,
@@ -595,6 +616,55 @@ impl Qwen2Vl {
             reused_prompt_tokens: reused,
             reused_media: self.reused_media,
         })
+    }
+
+    /// One decode step: `token` at the cache's next position through the decoder; returns the
+    /// logits after it.
+    fn decode_step(
+        &mut self,
+        token: &PendingToken,
+        rope: &mut text::DecodeRope,
+        step: usize,
+    ) -> Result<Tensor> {
+        let rope = profile::phase("rope_tables", &self.device, || {
+            rope.at(&self.config.text, step)
+        })?;
+        let embed = profile::phase("embeddings", &self.device, || match token {
+            PendingToken::Ready(token) => self
+                .text
+                .embed(&Tensor::new(&[*token], &self.device)?.unsqueeze(0)?),
+            #[cfg(feature = "cuda")]
+            PendingToken::Device(token) => token.embedding(self.text.embedding_table()),
+        })?;
+        Ok(self.text.forward(&embed, &rope)?)
+    }
+
+    /// Whether greedy decoding feeds each token ahead (see [`Self::set_decode_pipelining`]).
+    fn decode_pipelined(&self) -> bool {
+        match self.decode_pipelining {
+            Some(on) => on,
+            None => {
+                self.device.is_cuda() && std::env::var("VLAD_CUDA_PIPELINE").as_deref() != Ok("0")
+            }
+        }
+    }
+
+    /// Whether a greedy token can stay on the device for the next step's embedding.
+    fn device_embeddings(&self) -> bool {
+        #[cfg(feature = "cuda")]
+        if cuda_fused::enabled(self.text.embedding_table()) {
+            return true;
+        }
+        false
+    }
+
+    /// Greedy decoding, pipelined or not: `None` (the default) pipelines on a CUDA device unless
+    /// `VLAD_CUDA_PIPELINE=0`. Pipelined, the host queues the next step before it has read the
+    /// token it feeds, which hides its per-token work; the step after the reply's last token is
+    /// then computed for nothing, which costs a GPU little and a CPU a whole step. The tokens are
+    /// the same either way.
+    pub fn set_decode_pipelining(&mut self, on: Option<bool>) {
+        self.decode_pipelining = on;
     }
 
     /// The text of generated tokens without end-of-sequence tokens and media placeholders: the

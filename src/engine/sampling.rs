@@ -217,6 +217,67 @@ impl TokenSampler {
     }
 }
 
+impl TokenSampler {
+    /// Whether a pick depends on the logits alone (greedy, no repetition penalty), so the step
+    /// after it can be queued before the token is known.
+    pub fn context_free(&self) -> bool {
+        self.greedy && self.repetition_penalty == 1.0
+    }
+}
+
+/// A picked token, possibly still on its way back from the device.
+pub enum PendingToken {
+    Ready(u32),
+    #[cfg(feature = "cuda")]
+    Device(super::cuda_fused::DeviceToken),
+}
+
+/// Starts picks and waits for them, keeping the pinned host memory that device picks come back
+/// through for the next ones.
+#[derive(Default)]
+pub struct Picks {
+    #[cfg(feature = "cuda")]
+    spare_slots: Vec<super::cuda_fused::TokenSlot>,
+}
+
+impl Picks {
+    /// The token of `logits`: on the device and not waited for where `on_device` (greedy with
+    /// [`TokenSampler::context_free`], bf16 on a CUDA device), else picked here and now.
+    pub fn start(
+        &mut self,
+        sampler: &mut TokenSampler,
+        logits: &Tensor,
+        context: &[u32],
+        on_device: bool,
+    ) -> Result<PendingToken> {
+        #[cfg(feature = "cuda")]
+        if on_device && sampler.context_free() && logits.device().is_cuda() {
+            let slot = match self.spare_slots.pop() {
+                Some(slot) => slot,
+                None => super::cuda_fused::TokenSlot::new(logits.device())?,
+            };
+            return Ok(PendingToken::Device(super::cuda_fused::argmax_start(
+                logits, slot,
+            )?));
+        }
+        let _ = on_device;
+        Ok(PendingToken::Ready(sampler.next(logits, context)?))
+    }
+
+    /// The token, once it is on the host.
+    pub fn wait(&mut self, token: PendingToken) -> Result<u32> {
+        match token {
+            PendingToken::Ready(token) => Ok(token),
+            #[cfg(feature = "cuda")]
+            PendingToken::Device(token) => {
+                let (token, slot) = token.wait()?;
+                self.spare_slots.push(slot);
+                Ok(token)
+            }
+        }
+    }
+}
+
 /// The `k` largest entries of `logits` as `(token id, logit)`, descending.
 pub fn top_k_logits(logits: &Tensor, k: usize) -> Result<Vec<(u32, f32)>> {
     let values: Vec<f32> = logits.to_vec1()?;

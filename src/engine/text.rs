@@ -141,6 +141,53 @@ pub fn mrope_tables(
     })
 }
 
+/// Rotary tables of the positions a decode loop feeds, `first`, `first + 1`, ..., built a chunk
+/// of positions at a time by [`mrope_tables`] (row by row the same values), so a step takes a
+/// view instead of computing and uploading its own.
+pub struct DecodeRope {
+    first: i64,
+    dtype: DType,
+    device: Device,
+    chunk: Option<(usize, RotaryTables)>,
+}
+
+impl DecodeRope {
+    const CHUNK: usize = 64;
+
+    pub fn new(first: i64, dtype: DType, device: &Device) -> Self {
+        Self {
+            first,
+            dtype,
+            device: device.clone(),
+            chunk: None,
+        }
+    }
+
+    /// The tables of position `first + step` (all three M-RoPE rows equal, as for text).
+    pub fn at(&mut self, cfg: &TextConfig, step: usize) -> candle_core::Result<RotaryTables> {
+        let index = step / Self::CHUNK;
+        let tables = match &self.chunk {
+            Some((at, tables)) if *at == index => tables,
+            _ => {
+                let start = self.first + (index * Self::CHUNK) as i64;
+                let positions: Vec<i64> = (start..start + Self::CHUNK as i64).collect();
+                let tables = mrope_tables(
+                    cfg,
+                    [&positions, &positions, &positions],
+                    self.dtype,
+                    &self.device,
+                )?;
+                &self.chunk.insert((index, tables)).1
+            }
+        };
+        let row = step % Self::CHUNK;
+        Ok(RotaryTables {
+            cos: tables.cos.narrow(0, row, 1)?,
+            sin: tables.sin.narrow(0, row, 1)?,
+        })
+    }
+}
+
 struct Attention {
     /// q, k and v stacked: one pass over the three weights.
     qkv_proj: Linear,
@@ -443,6 +490,11 @@ impl TextModel {
         self.embed.forward(ids)
     }
 
+    /// The embedding table `(vocab, hidden)`.
+    pub fn embedding_table(&self) -> &Tensor {
+        self.embed.embeddings()
+    }
+
     /// Keeps the first `len` cached positions and forgets the rest (0 clears the cache; the
     /// buffers are kept for reuse).
     pub fn truncate_cache(&mut self, len: usize) {
@@ -462,6 +514,10 @@ impl TextModel {
     /// Runs `embeds` `(1, len, hidden)` through the decoder after what is cached, appends to the
     /// cache, and returns the logits of the last position `(vocab,)` in f32.
     pub fn forward(&mut self, embeds: &Tensor, rope: &RotaryTables) -> candle_core::Result<Tensor> {
+        if embeds.device().is_cuda() {
+            // the host only queues kernels: no thread hop (two wake-ups per call)
+            return self.forward_in_pool(embeds, rope);
+        }
         // on one of rayon's threads: the kernels' parallel loops inside then split work with
         // the other threads instead of blocking and waking this thread on every layer
         rayon::scope(|_| self.forward_in_pool(embeds, rope))

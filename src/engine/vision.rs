@@ -221,6 +221,10 @@ impl VisionTower {
 
     /// Runs the tower over the patch rows of several media items (`grids` in order).
     pub fn forward(&self, patches: &Tensor, grids: &[GridThw]) -> candle_core::Result<Tensor> {
+        if patches.device().is_cuda() {
+            // the host only queues kernels: no thread hop
+            return self.forward_in_pool(patches, grids);
+        }
         // on one of rayon's threads, as the decoder does (see `TextModel::forward`)
         rayon::scope(|_| self.forward_in_pool(patches, grids))
     }
