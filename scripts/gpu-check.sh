@@ -10,8 +10,8 @@
 #      the other on the same GPU, same sizes, 2B shapes, bf16; scripts/bench_vs_reference.py prints
 #      the ratios;
 #   3. where the time goes: `vlad bench --profile` (phases), with flash attention and without;
-#      `ab`: vlad alone as built, without pipelined decoding, without the fused decoder kernels,
-#      and without flash attention;
+#      `ab`: vlad alone as built, without pipelined decoding, with the cp.async flash build
+#      (VLAD_CUDA_FLASH=async), without the fused decoder kernels, and without flash attention;
 #   4. where the host CPU has AMX: the CPU kernels' unit tests and `vlad bench --device cpu` with
 #      and without the tiles (VLAD_AMX=0).
 #   5. where the GPU time goes: every kernel of one step at the largest size (Nsight Compute), and
@@ -71,8 +71,8 @@ fi
 
 # where the time goes, phase by phase (device drained around each: host and GPU time together)
 if want ab; then
-echo "== vlad alone: as built, without pipelined decoding, without the fused decoder kernels, without flash attention"
-for switch in "" VLAD_CUDA_PIPELINE=0 VLAD_CUDA_FUSED=0 VLAD_CUDA_FLASH=0; do
+echo "== vlad alone: as built, without pipelined decoding, cp.async flash, without the fused decoder kernels, without flash attention"
+for switch in "" VLAD_CUDA_PIPELINE=0 VLAD_CUDA_FLASH=async VLAD_CUDA_FUSED=0 VLAD_CUDA_FLASH=0; do
   echo "-- ${switch:-all on}"
   env $switch timeout 150 .gpu/bin/vlad bench --config 2b --tokenizer .gpu/tokenizer --device cuda \
     --dtype bf16 --sizes "$sizes" --decode-tokens 64 --runs 3 2>&1 | tee -a "$out/ab.txt" | grep -v '^model'

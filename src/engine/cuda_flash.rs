@@ -4,7 +4,8 @@
 //! does). Used for prompts and vision frames with bf16 or f16 operands and a head size the kernels
 //! are built for; [`attend`] answers `None` where it does not apply (f32, a single query, other
 //! head sizes, unaligned rows, `VLAD_CUDA_FLASH=0`, or a kernel that cannot be built), and the
-//! caller takes the cuBLAS path.
+//! caller takes the cuBLAS path. `VLAD_CUDA_FLASH=async` selects the build whose key and value
+//! tiles land in shared memory with `cp.async` while the tensor cores work (see the .cu file).
 
 use std::sync::{Once, OnceLock};
 
@@ -33,10 +34,41 @@ pub fn attend(
     scale: f64,
     causal_offset: Option<usize>,
 ) -> Result<Option<Tensor>> {
+    attend_with(Staging::chosen(), q, k, v, scale, causal_offset)
+}
+
+/// How a block stages its key and value tiles: both kernel builds compute the same sums in the
+/// same order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Staging {
+    /// Loaded through registers before each tile, every warp waiting for them.
+    Loads,
+    /// `cp.async`, overlapped with the products (`VLAD_CUDA_FLASH=async`).
+    Async,
+}
+
+impl Staging {
+    fn chosen() -> Self {
+        static CHOSEN: OnceLock<Staging> = OnceLock::new();
+        *CHOSEN.get_or_init(|| match std::env::var("VLAD_CUDA_FLASH").as_deref() {
+            Ok("async") => Staging::Async,
+            _ => Staging::Loads,
+        })
+    }
+}
+
+fn attend_with(
+    staging: Staging,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    causal_offset: Option<usize>,
+) -> Result<Option<Tensor>> {
     if !applies(q, k, v)? {
         return Ok(None);
     }
-    if let Err(e) = ptx() {
+    if let Err(e) = ptx(staging) {
         static WARN: Once = Once::new();
         WARN.call_once(|| tracing::warn!("flash attention unavailable ({e}); using cuBLAS"));
         return Ok(None);
@@ -44,6 +76,7 @@ pub fn attend(
     let op = Flash {
         scale: scale as f32,
         causal_offset,
+        staging,
     };
     q.apply_op3_no_bwd(k, v, &op).map(Some)
 }
@@ -70,16 +103,33 @@ fn applies(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<bool> {
         && aligned(v))
 }
 
-/// PTX of [`SOURCE`] for compute capability 8.0 and later (the bf16 tensor-core instructions),
-/// compiled once per process.
-fn ptx() -> Result<&'static str> {
-    static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
-    super::cuda_attention::compiled_ptx(&PTX, SOURCE, "flash_attention.cu", Some("compute_80"))
+/// PTX of [`SOURCE`] for compute capability 8.0 and later (the bf16 tensor-core instructions)
+/// and its module name, compiled once per process and staging (`cp.async` needs 8.0 too).
+fn ptx(staging: Staging) -> Result<(&'static str, &'static str)> {
+    static LOADS: OnceLock<std::result::Result<String, String>> = OnceLock::new();
+    static ASYNC: OnceLock<std::result::Result<String, String>> = OnceLock::new();
+    let compile = super::cuda_attention::compiled_ptx;
+    Ok(match staging {
+        Staging::Loads => (
+            compile(&LOADS, SOURCE, "flash_attention.cu", Some("compute_80"))?,
+            "vlad_flash_attention",
+        ),
+        Staging::Async => (
+            compile(
+                &ASYNC,
+                &format!("#define FLASH_ASYNC 1\n{SOURCE}"),
+                "flash_attention.cu (FLASH_ASYNC)",
+                Some("compute_80"),
+            )?,
+            "vlad_flash_attention_async",
+        ),
+    })
 }
 
 struct Flash {
     scale: f32,
     causal_offset: Option<usize>,
+    staging: Staging,
 }
 
 impl CustomOp3 for Flash {
@@ -123,7 +173,8 @@ impl CustomOp3 for Flash {
             other => candle_core::bail!("{}: unsupported dtype {other:?}", self.name()),
         };
         let device = q.device().clone();
-        let func = device.get_or_load_custom_func(&name, "vlad_flash_attention", ptx()?)?;
+        let (ptx, module) = ptx(self.staging)?;
+        let func = device.get_or_load_custom_func(&name, module, ptx)?;
         let config = LaunchConfig {
             grid_dim: (
                 blocks(s * rep, ROWS_PER_BLOCK)?,
@@ -244,7 +295,10 @@ pub(super) mod tests {
             (65, 1000, 2, 1, 64, Some(935), DType::F16),
             (100, 100, 2, 2, 96, None, DType::BF16),
         ];
-        for (s, t, heads, kv_heads, d, causal, dtype) in cases {
+        for ((s, t, heads, kv_heads, d, causal, dtype), staging) in cases
+            .into_iter()
+            .flat_map(|case| [(case, Staging::Loads), (case, Staging::Async)])
+        {
             let rand = |rows: usize, width: usize| {
                 Tensor::randn(0f32, 1.0, (rows, width), &device)
                     .unwrap()
@@ -261,7 +315,7 @@ pub(super) mod tests {
             let k = rand(t, kv_heads * d).reshape((t, kv_heads, d)).unwrap();
             let v = rand(t, kv_heads * d).reshape((t, kv_heads, d)).unwrap();
             let scale = 1.0 / (d as f64).sqrt();
-            let got = attend(&q, &k, &v, scale, causal)
+            let got = attend_with(staging, &q, &k, &v, scale, causal)
                 .unwrap()
                 .unwrap_or_else(|| panic!("flash attention did not take d={d} {dtype:?}"));
             assert_eq!(got.dims3().unwrap(), (s, heads, d));
@@ -281,7 +335,7 @@ pub(super) mod tests {
             // bf16 probabilities and outputs: a few 2^-8 relative steps
             assert!(
                 worst < 0.05,
-                "s={s} t={t} heads={heads}/{kv_heads} d={d} {causal:?} {dtype:?}: worst {worst}"
+                "s={s} t={t} heads={heads}/{kv_heads} d={d} {causal:?} {dtype:?} {staging:?}: worst {worst}"
             );
         }
     }

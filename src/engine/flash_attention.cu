@@ -13,11 +13,18 @@
 // Causal mask: with causal_offset >= 0, query i sees keys 0..=i + causal_offset.
 //
 // Grid: (ceil(S * rep / 64), kv_heads); block: 4 warps, 16 virtual rows each. Per tile of 64 keys
-// the block stages K and V in shared memory; each warp computes its 16 × 64 scores with the
+// the block stages K and V in shared memory (FLASH_ASYNC defined to 1: with cp.async, the values
+// of a tile landing while the scores are computed and the next tile's keys while the values are
+// multiplied, FlashAttention-2's overlap; else loaded through registers before each tile, every
+// warp waiting for them); each warp computes its 16 × 64 scores with the
 // tensor cores, updates the running row maxima and sums, rounds the probabilities to the operand
 // type (as FlashAttention does) and accumulates p·v. The row sums are of the unrounded f32
 // probabilities. Requirements (checked by the caller): D a multiple of 16, every row stride and
 // the operands' addresses multiples of 8 elements (16 bytes).
+
+#ifndef FLASH_ASYNC
+#define FLASH_ASYNC 0
+#endif
 
 #define ROWS 64       // virtual rows per block
 #define KEYS 64       // keys per tile
@@ -86,6 +93,39 @@ __device__ __forceinline__ void ldmatrix_x4_trans(u32 (&r)[4], const u16 *row) {
                  : "r"(address));
 }
 
+// 16 bytes from global to shared memory without passing through registers; `valid` false fills
+// the 16 bytes with zeros (nothing is read; `src` must still be a valid address).
+__device__ __forceinline__ void cp_async16(u16 *dst, const u16 *src, bool valid) {
+    u32 address;
+    asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(address) : "l"(dst));
+    const int bytes = valid ? 16 : 0;
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
+                 :
+                 : "r"(address), "l"(src), "r"(bytes));
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+
+// Waits until at most N of this thread's committed copy groups are still in flight.
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+// Queues the copies of keys key0..key0 + KEYS of one head (`src` rows of `row` elements, the
+// head's D values at kv_head * D) into a tile of STRIDE-element rows; zeros past key t.
+template <int D>
+__device__ __forceinline__ void stage_async(u16 *tile, const u16 *src, long long key0, int t,
+                                            long long row, int kv_head) {
+    for (int idx = threadIdx.x; idx < KEYS * (D / 8); idx += WARPS * 32) {
+        const int r = idx / (D / 8), chunk = idx % (D / 8);
+        const long long key = key0 + r;
+        const bool valid = key < t;
+        const u16 *from = valid ? src + key * row + (long long)kv_head * D + chunk * 8 : src;
+        cp_async16(tile + r * (D + 8) + chunk * 8, from, valid);
+    }
+}
+
 template <int D, bool BF16>
 __device__ void flash_attention(const u16 *__restrict__ q, const u16 *__restrict__ k,
                                 const u16 *__restrict__ v, u16 *__restrict__ out, int s, int t,
@@ -143,21 +183,34 @@ __device__ void flash_attention(const u16 *__restrict__ q, const u16 *__restrict
     float row_max[2] = {NEG_INF, NEG_INF};
     float row_sum[2] = {0.0f, 0.0f};  // this thread's share; the quad's lanes are summed at the end
 
+    if (FLASH_ASYNC) {
+        stage_async<D>(ks, k, 0, t, k_row, kv_head);
+        cp_async_commit();
+    }
     for (long long key0 = 0; key0 < key_end; key0 += KEYS) {
-        // stage the tile's keys and values (zeros past the last key)
-        __syncthreads();
-        for (int idx = threadIdx.x; idx < KEYS * (D / 8); idx += WARPS * 32) {
-            const int r = idx / (D / 8), chunk = idx % (D / 8);
-            const long long key = key0 + r;
-            Vec16 kx = {0u, 0u, 0u, 0u}, vx = {0u, 0u, 0u, 0u};
-            if (key < t) {
-                kx = *(const Vec16 *)(k + key * k_row + (long long)kv_head * D + chunk * 8);
-                vx = *(const Vec16 *)(v + key * v_row + (long long)kv_head * D + chunk * 8);
+        if (FLASH_ASYNC) {
+            // every warp is done with the last tile's values: this tile's may land meanwhile
+            __syncthreads();
+            stage_async<D>(vs, v, key0, t, v_row, kv_head);
+            cp_async_commit();
+            cp_async_wait<1>();  // this tile's keys (queued before the values)
+            __syncthreads();
+        } else {
+            // stage the tile's keys and values (zeros past the last key)
+            __syncthreads();
+            for (int idx = threadIdx.x; idx < KEYS * (D / 8); idx += WARPS * 32) {
+                const int r = idx / (D / 8), chunk = idx % (D / 8);
+                const long long key = key0 + r;
+                Vec16 kx = {0u, 0u, 0u, 0u}, vx = {0u, 0u, 0u, 0u};
+                if (key < t) {
+                    kx = *(const Vec16 *)(k + key * k_row + (long long)kv_head * D + chunk * 8);
+                    vx = *(const Vec16 *)(v + key * v_row + (long long)kv_head * D + chunk * 8);
+                }
+                *(Vec16 *)(ks + r * STRIDE + chunk * 8) = kx;
+                *(Vec16 *)(vs + r * STRIDE + chunk * 8) = vx;
             }
-            *(Vec16 *)(ks + r * STRIDE + chunk * 8) = kx;
-            *(Vec16 *)(vs + r * STRIDE + chunk * 8) = vx;
+            __syncthreads();
         }
-        __syncthreads();
 
         // scores: 16 rows × 64 keys per warp, eight 16×8 fragments; the keys' B fragments of two
         // neighbouring fragments per load (lanes 0-15: keys 8n.., columns c and c + 8; lanes
@@ -214,6 +267,15 @@ __device__ void flash_attention(const u16 *__restrict__ q, const u16 *__restrict
             acc[n][1] *= correction[0];
             acc[n][2] *= correction[1];
             acc[n][3] *= correction[1];
+        }
+
+        if (FLASH_ASYNC) {
+            // every warp is done with this tile's keys: the next tile's may land during p·v
+            __syncthreads();
+            if (key0 + KEYS < key_end) stage_async<D>(ks, k, key0 + KEYS, t, k_row, kv_head);
+            cp_async_commit();   // (empty on the last tile, which keeps the count uniform)
+            cp_async_wait<1>();  // this tile's values
+            __syncthreads();
         }
 
         // probabilities, and p·v: the score fragments of keys 16j..16j+15 are the A fragment of
