@@ -11,7 +11,8 @@ use std::sync::{Once, OnceLock};
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaSlice, DevicePtr, LaunchConfig, PinnedHostSlice, PushKernelArg,
+    CudaEvent, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PinnedHostSlice, PushKernelArg,
+    result,
 };
 use candle_core::cuda_backend::{CudaDevice, CudaStorage, WrapErr};
 use candle_core::{
@@ -89,6 +90,8 @@ fn alloc_bf16(device: &CudaDevice, len: usize) -> Result<CudaSlice<bf16>> {
 /// launch: `y` `(b, s, (heads + 2·kv_heads)·d)` (the projection without its bias, unit-stride
 /// rows), `bias` of that width, `cos`/`sin` `(s, d/2)` bf16; k and v land in rows `pos..pos + s`
 /// of `k_cache`/`v_cache` `(1, capacity, kv_heads, d)` (contiguous). Returns q `(b, s, heads, d)`.
+/// With `pos_dev` (the device address of an i32) the kernel reads the position there when it
+/// runs: a captured decode step (see [`super::cuda_graph`]) then replays at any position.
 #[allow(clippy::too_many_arguments)]
 pub fn bias_rope_cache(
     y: &Tensor,
@@ -99,6 +102,7 @@ pub fn bias_rope_cache(
     k_cache: &Tensor,
     v_cache: &Tensor,
     pos: usize,
+    pos_dev: Option<u64>,
 ) -> Result<Tensor> {
     let (b, s, width) = y.dims3()?;
     let capacity = k_cache.dim(1)?;
@@ -133,6 +137,7 @@ pub fn bias_rope_cache(
         kv_heads,
         d,
         pos,
+        pos_dev: pos_dev.unwrap_or(0),
     };
     y.apply_op1_no_bwd(&op)
 }
@@ -147,6 +152,8 @@ struct BiasRopeCache {
     kv_heads: usize,
     d: usize,
     pos: usize,
+    /// Device address of the position, or 0.
+    pos_dev: u64,
 }
 
 impl CustomOp1 for BiasRopeCache {
@@ -198,7 +205,8 @@ impl CustomOp1 for BiasRopeCache {
                 .arg(&heads)
                 .arg(&kv_heads)
                 .arg(&d)
-                .arg(&pos);
+                .arg(&pos)
+                .arg(&self.pos_dev);
             // SAFETY: y's view covers its s rows; bias, cos, sin and the caches were checked
             // against these dimensions by `bias_rope_cache` and outlive the launch (the caller
             // holds them); q holds s × heads × d values; the arguments follow the kernel's
@@ -365,13 +373,23 @@ fn launch_argmax(logits: &Tensor) -> Result<CudaSlice<u64>> {
     let Device::Cuda(device) = logits.device() else {
         candle_core::bail!("argmax: logits off the CUDA device");
     };
+    let mut best = device.alloc_zeros::<u64>(1)?;
+    argmax_into(logits, &mut best)?;
+    Ok(best)
+}
+
+/// Queues the argmax of `logits` into `best` (zeroed first, on the stream).
+pub(super) fn argmax_into(logits: &Tensor, best: &mut CudaSlice<u64>) -> Result<()> {
+    let Device::Cuda(device) = logits.device() else {
+        candle_core::bail!("argmax: logits off the CUDA device");
+    };
     let logits = logits.flatten_all()?.contiguous()?;
     if logits.dtype() != DType::F32 || logits.elem_count() == 0 {
         candle_core::bail!("argmax: {:?} logits of {:?}", logits.dtype(), logits.dims());
     }
     let n = logits.elem_count();
     let func = device.get_or_load_custom_func("argmax_f32", MODULE, ptx()?)?;
-    let best = device.alloc_zeros::<u64>(1)?;
+    device.cuda_stream().memset_zeros(best).w()?;
     let view_address = address(&logits)?;
     let config = LaunchConfig {
         grid_dim: (blocks(n, 256)?.min(264), 1, 1),
@@ -380,11 +398,11 @@ fn launch_argmax(logits: &Tensor) -> Result<CudaSlice<u64>> {
     };
     let n_arg = n as i64;
     let mut launch = func.builder();
-    launch.arg(&view_address).arg(&n_arg).arg(&best);
+    launch.arg(&view_address).arg(&n_arg).arg(&*best);
     // SAFETY: the logits hold n contiguous f32 values; their memory is released, if at all,
     // by a free queued behind this kernel on the same stream. `best` is one zeroed u64.
     unsafe { launch.launch(config) }.w()?;
-    Ok(best)
+    Ok(())
 }
 
 /// The token of a packed argmax key.
@@ -395,50 +413,84 @@ fn token_of(key: u64) -> Result<u32> {
     Ok(!(key as u32))
 }
 
-/// Pinned host memory for one token coming back from the device (see [`argmax_start`]).
-pub struct TokenSlot(PinnedHostSlice<u64>);
+/// Pinned host memory for one token coming back from the device (see [`argmax_start`]), and the
+/// event that marks the copy's end.
+pub struct TokenSlot {
+    host: PinnedHostSlice<u64>,
+    copied: CudaEvent,
+}
 
 impl TokenSlot {
     pub fn new(device: &Device) -> Result<Self> {
         let Device::Cuda(device) = device else {
             candle_core::bail!("token slot: not a CUDA device");
         };
+        let context = device.cuda_stream().context().clone();
         // SAFETY: the slot is only read after a copy into it has completed (`DeviceToken::wait`).
-        let slot = unsafe {
-            device
-                .cuda_stream()
-                .context()
-                .alloc_pinned_with_flags::<u64>(1, 0)
-        };
-        Ok(Self(slot.w()?))
+        let host = unsafe { context.alloc_pinned_with_flags::<u64>(1, 0) }.w()?;
+        // cudarc records the pinned slice's own event only with several streams: this one is
+        // recorded after every copy
+        let copied = context.new_event(None).w()?;
+        Ok(Self { host, copied })
     }
 }
 
-/// A greedy token still on the device: its argmax key, which the next step's embedding reads
-/// there, and a copy of the key on its way to pinned host memory. Work queued after it does not
-/// delay [`DeviceToken::wait`], so the host can queue the next step before it knows the token.
+/// A greedy token still on the device: the address of its argmax key, which the next step's
+/// embedding reads there, and a copy of the key on its way to pinned host memory. Work queued
+/// after it does not delay [`DeviceToken::wait`], so the host can queue the next step before it
+/// knows the token.
 pub struct DeviceToken {
-    key: CudaSlice<u64>,
+    key: u64,
+    /// The key's memory, unless it lives in a buffer of its producer's (a captured decode step's).
+    _owned: Option<CudaSlice<u64>>,
     slot: TokenSlot,
 }
 
 /// Queues the argmax of `logits` (f32) and the copy of its result into `slot`, without waiting.
-pub fn argmax_start(logits: &Tensor, mut slot: TokenSlot) -> Result<DeviceToken> {
-    let Device::Cuda(device) = logits.device() else {
-        candle_core::bail!("argmax: logits off the CUDA device");
-    };
+pub fn argmax_start(logits: &Tensor, slot: TokenSlot) -> Result<DeviceToken> {
     let key = launch_argmax(logits)?;
-    // into pinned memory the copy is asynchronous; the slot's event marks its end
-    device.cuda_stream().memcpy_dtoh(&key, &mut slot.0).w()?;
-    Ok(DeviceToken { key, slot })
+    DeviceToken::read_back(key, slot)
 }
 
 impl DeviceToken {
+    /// Queues the copy of `key` (a device buffer holding an argmax key) into `slot`.
+    pub(super) fn read_back(key: impl Into<KeyBuffer>, mut slot: TokenSlot) -> Result<Self> {
+        let key: KeyBuffer = key.into();
+        let stream = key.stream.clone();
+        // into pinned memory the copy is asynchronous; the slot's event marks its end
+        match &key.owned {
+            Some(owned) => stream.memcpy_dtoh(owned, &mut slot.host).w()?,
+            // SAFETY: `address` is a live u64 on this stream's device (the caller's buffer),
+            // the slot's host memory holds one u64 and stays allocated until the copy is done
+            // (`wait` synchronises on the event recorded below before the slot can be dropped
+            // or reused).
+            None => unsafe {
+                result::memcpy_dtoh_async(
+                    std::slice::from_raw_parts_mut(slot.host.as_mut_ptr().w()?, 1),
+                    key.address,
+                    stream.cu_stream(),
+                )
+            }
+            .w()?,
+        }
+        slot.copied.record(&stream).w()?;
+        Ok(Self {
+            key: key.address,
+            _owned: key.owned,
+            slot,
+        })
+    }
+
+    /// The device address of the argmax key.
+    pub(super) fn key_address(&self) -> u64 {
+        self.key
+    }
+
     /// Waits for this token's copy only, not for the work queued after it; gives the slot back
     /// for the next token.
     pub fn wait(self) -> Result<(u32, TokenSlot)> {
-        let key = self.slot.0.as_slice().w()?[0];
-        drop(self.key);
+        self.slot.copied.synchronize().w()?;
+        let key = self.slot.host.as_slice().w()?[0];
         Ok((token_of(key)?, self.slot))
     }
 
@@ -446,17 +498,49 @@ impl DeviceToken {
     /// `(1, 1, hidden)`, read on the device. An unusable key (every logit NaN) reads row 0; the
     /// host learns of it from [`DeviceToken::wait`].
     pub fn embedding(&self, table: &Tensor) -> Result<Tensor> {
-        let stream = match table.device() {
-            Device::Cuda(device) => device.cuda_stream(),
-            _ => candle_core::bail!("embedding: table off the CUDA device"),
-        };
-        let key = self.key.device_ptr(&stream).0;
-        let (_, hidden) = table.dims2()?;
-        table
-            .contiguous()?
-            .apply_op1_no_bwd(&EmbedKey { key })?
-            .reshape((1, 1, hidden))
+        embedding_at(self.key, table)
     }
+}
+
+/// A device buffer with an argmax key: owned by the token, or someone else's (by address).
+pub(super) struct KeyBuffer {
+    address: u64,
+    owned: Option<CudaSlice<u64>>,
+    stream: std::sync::Arc<CudaStream>,
+}
+
+impl From<CudaSlice<u64>> for KeyBuffer {
+    fn from(owned: CudaSlice<u64>) -> Self {
+        let stream = owned.stream().clone();
+        let address = owned.device_ptr(&stream).0;
+        Self {
+            address,
+            owned: Some(owned),
+            stream,
+        }
+    }
+}
+
+impl From<&CudaSlice<u64>> for KeyBuffer {
+    fn from(buffer: &CudaSlice<u64>) -> Self {
+        let stream = buffer.stream().clone();
+        let address = buffer.device_ptr(&stream).0;
+        Self {
+            address,
+            owned: None,
+            stream,
+        }
+    }
+}
+
+/// Row `key`'s token of the embedding table `(vocab, hidden)` as `(1, 1, hidden)`, with `key`
+/// the device address of an argmax key.
+pub(super) fn embedding_at(key: u64, table: &Tensor) -> Result<Tensor> {
+    let (_, hidden) = table.dims2()?;
+    table
+        .contiguous()?
+        .apply_op1_no_bwd(&EmbedKey { key })?
+        .reshape((1, 1, hidden))
 }
 
 struct EmbedKey {
@@ -872,6 +956,20 @@ impl CustomOp2 for Gemv {
 /// 128 and merged, two launches instead of two cuBLAS products and a softmax. `None` where it does
 /// not apply.
 pub fn decode_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Option<Tensor>> {
+    decode_attention_at(q, k, v, scale, None)
+}
+
+/// [`decode_attention`] over the keys before a position the device holds: `replay` is the
+/// address of an i32 with the new key's position; `k` and `v` are the whole cache buffers
+/// `(capacity, kv_heads, d)`, and the kernels read only the first `position + 1` rows (a decode
+/// step captured in a CUDA graph, see [`super::cuda_graph`]).
+pub fn decode_attention_at(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    replay: Option<u64>,
+) -> Result<Option<Tensor>> {
     let (s, heads, d) = q.dims3()?;
     let (t, kv_heads, _) = k.dims3()?;
     let row = super::cuda_attention::row_stride(k.layout());
@@ -909,6 +1007,7 @@ pub fn decode_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Resul
     );
     let splits_arg = int(splits, "splits")?;
     let scale = scale as f32;
+    let pos_dev = replay.unwrap_or(0);
     let (q_at, k_at, v_at) = (address(q)?, address(k)?, address(v)?);
     {
         let mut launch = split_fn.builder();
@@ -918,7 +1017,8 @@ pub fn decode_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Resul
             .arg(&rep)
             .arg(&d_arg)
             .arg(&kv_row)
-            .arg(&scale);
+            .arg(&scale)
+            .arg(&pos_dev);
         let config = LaunchConfig {
             grid_dim: (int(heads, "heads")? as u32, splits_arg as u32, 1),
             block_dim: (128, 1, 1),
@@ -931,7 +1031,12 @@ pub fn decode_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Resul
     }
     {
         let mut launch = combine_fn.builder();
-        launch.arg(&partial).arg(&out).arg(&splits_arg).arg(&d_arg);
+        launch
+            .arg(&partial)
+            .arg(&out)
+            .arg(&splits_arg)
+            .arg(&d_arg)
+            .arg(&pos_dev);
         let config = LaunchConfig {
             grid_dim: (int(heads, "heads")? as u32, 1, 1),
             block_dim: (128, 1, 1),
@@ -1000,6 +1105,7 @@ mod tests {
                 &k_cache,
                 &v_cache,
                 at,
+                None,
             )
             .unwrap();
             let full = y.broadcast_add(&bias).unwrap();
@@ -1154,6 +1260,67 @@ mod tests {
                 let err = (g - w).abs();
                 assert!(err <= 0.01 * (0.1 + w.abs()), "t={t} d={d}: {g} for {w}");
             }
+        }
+    }
+
+    /// A captured decode step's kernels read the position on the device: the same bits as with
+    /// the position from the host, and keys past it in the cache buffers are never read.
+    #[test]
+    fn device_held_positions_give_the_bits_of_host_ones_on_the_gpu() {
+        let Ok(device) = Device::new_cuda(0) else {
+            eprintln!("no CUDA device: device-held positions not checked");
+            return;
+        };
+        let Device::Cuda(cuda) = &device else {
+            unreachable!()
+        };
+        let stream = cuda.cuda_stream();
+        let (heads, kv_heads, d, capacity) = (12, 2, 128, 700);
+        for at in [0, 127, 128, 299, 699] {
+            let held = stream.clone_htod(&[at as i32]).unwrap();
+            let held_at = held.device_ptr(&stream).0;
+            let width = (heads + 2 * kv_heads) * d;
+            let y = random(&[1, 1, width], &device);
+            let bias = random(&[width], &device);
+            let (cos, sin) = (random(&[1, d / 2], &device), random(&[1, d / 2], &device));
+            // caches full of other values: what is past the position must not count
+            let (k1, v1) = (
+                random(&[1, capacity, kv_heads, d], &device),
+                random(&[1, capacity, kv_heads, d], &device),
+            );
+            let (k2, v2) = (k1.copy().unwrap(), v1.copy().unwrap());
+            let write = |k: &Tensor, v: &Tensor, held: Option<u64>| {
+                let pos = if held.is_some() { 0 } else { at };
+                bias_rope_cache(
+                    &y,
+                    Some(&bias),
+                    &cos,
+                    &sin,
+                    (heads, kv_heads, d),
+                    k,
+                    v,
+                    pos,
+                    held,
+                )
+                .unwrap()
+            };
+            let q1 = write(&k1, &v1, None);
+            let q2 = write(&k2, &v2, Some(held_at));
+            assert_eq!(bits(&q1), bits(&q2), "q at {at}");
+            assert_eq!(bits(&k1), bits(&k2), "keys at {at}");
+            assert_eq!(bits(&v1), bits(&v2), "values at {at}");
+
+            let q = q1.squeeze(0).unwrap();
+            let scale = 1.0 / (d as f64).sqrt();
+            let (ks, vs) = (k1.squeeze(0).unwrap(), v1.squeeze(0).unwrap());
+            let seen = |x: &Tensor| x.narrow(0, 0, at + 1).unwrap();
+            let host = decode_attention(&q, &seen(&ks), &seen(&vs), scale)
+                .unwrap()
+                .expect("applies");
+            let held_out = decode_attention_at(&q, &ks, &vs, scale, Some(held_at))
+                .unwrap()
+                .expect("applies");
+            assert_eq!(bits(&host), bits(&held_out), "attention at {at}");
         }
     }
 

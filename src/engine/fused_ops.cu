@@ -28,11 +28,14 @@ __device__ __forceinline__ float sub(float a, float b) { return widen(round_bf16
 
 // One thread per pair (i, i + d/2) of one head of one row. `y` (s, (heads + 2 kv_heads) · d)
 // with row stride y_row; bias of that width or null; cos/sin (s, d/2); q_out (s, heads, d);
-// caches (capacity, kv_heads, d), rows pos.. written.
+// caches (capacity, kv_heads, d), rows pos.. written. A non-null pos_dev holds the position on
+// the device instead (a decode step replayed from a CUDA graph).
 extern "C" __global__ void bias_rope_cache_bf16(const u16 *y, long long y_row, const u16 *bias,
                                                 const u16 *cos, const u16 *sin, u16 *q_out,
                                                 u16 *k_cache, u16 *v_cache, int s, int heads,
-                                                int kv_heads, int d, long long pos) {
+                                                int kv_heads, int d, long long pos,
+                                                const int *pos_dev) {
+    if (pos_dev) pos = *pos_dev;
     const int half = d / 2;
     const long long pairs_per_row = (long long)(heads + 2 * kv_heads) * half;
     const long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
@@ -265,17 +268,21 @@ gemv_silu_bf16(const u16 *w, const u16 *x, u16 *y, int width, int k) {
 // takes KEYS_PER_SPLIT keys of one head and writes its row maximum, sum of exponentials and
 // unnormalised output (f32) to `partial`; decode_attention_combine merges the splits of a head.
 // q (heads, d) contiguous; k, v (T, kv_heads, d) with row stride kv_row; d ≤ 128, a multiple of 8.
+// A non-null pos_dev holds the new key's position on the device (T = *pos_dev + 1, a step replayed
+// from a CUDA graph): the grid then covers the cache's capacity and the splits past T do nothing.
 #define KEYS_PER_SPLIT 128
 #define MAX_D 128
 
 extern "C" __global__ void __launch_bounds__(KEYS_PER_SPLIT)
 decode_attention_split_bf16(const u16 *q, const u16 *k, const u16 *v, float *partial, int t,
-                            int rep, int d, long long kv_row, float scale) {
+                            int rep, int d, long long kv_row, float scale, const int *pos_dev) {
     __shared__ float qs[MAX_D];
     __shared__ float ps[KEYS_PER_SPLIT];
     __shared__ float reduce[KEYS_PER_SPLIT / 32];
     const int head = blockIdx.x, split = blockIdx.y, kv_head = head / rep;
     const int tid = threadIdx.x;
+    if (pos_dev) t = *pos_dev + 1;
+    if ((long long)split * KEYS_PER_SPLIT >= t) return;  // (the whole block)
     if (tid < d) qs[tid] = widen(q[(long long)head * d + tid]);
     __syncthreads();
     const long long key = (long long)split * KEYS_PER_SPLIT + tid;
@@ -333,13 +340,16 @@ decode_attention_split_bf16(const u16 *q, const u16 *k, const u16 *v, float *par
 
 // One block per head: out (heads, d) = Σ_splits o_i · e^(m_i − M) / Σ_splits l_i · e^(m_i − M).
 extern "C" __global__ void __launch_bounds__(MAX_D)
-decode_attention_combine_bf16(const float *partial, u16 *out, int splits, int d) {
+decode_attention_combine_bf16(const float *partial, u16 *out, int splits, int d,
+                              const int *pos_dev) {
     const int head = blockIdx.x, tid = threadIdx.x;
     const float *p = partial + (long long)head * splits * (d + 2);
+    // the splits that hold keys (all but those past a device-held length)
+    const int used = pos_dev ? (*pos_dev + KEYS_PER_SPLIT) / KEYS_PER_SPLIT : splits;
     float m = NEG_INF_F;
-    for (int i = 0; i < splits; ++i) m = fmaxf(m, p[i * (d + 2)]);
+    for (int i = 0; i < used; ++i) m = fmaxf(m, p[i * (d + 2)]);
     float l = 0.0f, acc = 0.0f;
-    for (int i = 0; i < splits; ++i) {
+    for (int i = 0; i < used; ++i) {
         const float f = expf(p[i * (d + 2)] - m);
         l += p[i * (d + 2) + 1] * f;
         if (tid < d) acc += p[i * (d + 2) + 2 + tid] * f;

@@ -15,6 +15,8 @@ mod cuda_attention;
 mod cuda_flash;
 #[cfg(feature = "cuda")]
 mod cuda_fused;
+#[cfg(feature = "cuda")]
+mod cuda_graph;
 pub mod device_memory;
 pub mod error;
 mod fused_attention;
@@ -105,6 +107,31 @@ pub struct Timings {
     pub vision_s: f64,
     pub prefill_s: f64,
     pub decode_tokens_per_s: f64,
+}
+
+/// A decode step captured as a CUDA graph, where graphs are in use (`VLAD_CUDA_GRAPHS=1`, greedy
+/// tokens on the device, not profiling).
+struct ReplayState {
+    #[cfg(feature = "cuda")]
+    graph: Option<cuda_graph::DecodeGraph>,
+    /// Whether to use (and capture) graphs: off where they do not apply or a capture failed.
+    #[cfg(feature = "cuda")]
+    wanted: bool,
+}
+
+impl ReplayState {
+    #[cfg(feature = "cuda")]
+    const POSITIONS_PER_CAPTURE: usize = 512;
+
+    #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+    fn new(tokens_on_device: bool) -> Self {
+        Self {
+            #[cfg(feature = "cuda")]
+            graph: None,
+            #[cfg(feature = "cuda")]
+            wanted: tokens_on_device && cuda_graph::enabled() && !profile::is_enabled(),
+        }
+    }
 }
 
 /// The outcome of one generation.
@@ -545,6 +572,7 @@ impl Qwen2Vl {
             &self.device,
         );
         let mut queued: Option<PendingToken> = None;
+        let mut replay = ReplayState::new(on_device);
         let decode_start = Instant::now();
         for step in 0..options.max_new_tokens {
             if options.is_cancelled() {
@@ -559,10 +587,24 @@ impl Qwen2Vl {
                 })?,
             };
             if pipelined && !last {
-                logits = self.decode_step(&pending, &mut decode_rope, step)?;
-                queued = Some(profile::phase("sampling", &self.device, || {
-                    picks.start(&mut sampler, &logits, &[], on_device)
-                })?);
+                let feeds_left = options.max_new_tokens - 1 - step;
+                let replayed = self.replayed_step(
+                    &mut replay,
+                    &pending,
+                    &mut decode_rope,
+                    step,
+                    feeds_left,
+                    &mut picks,
+                )?;
+                queued = Some(match replayed {
+                    Some(next) => next,
+                    None => {
+                        logits = self.decode_step(&pending, &mut decode_rope, step)?;
+                        profile::phase("sampling", &self.device, || {
+                            picks.start(&mut sampler, &logits, &[], on_device)
+                        })?
+                    }
+                });
             }
             let token = picks.wait(pending)?;
             generated.push(token);
@@ -637,6 +679,69 @@ impl Qwen2Vl {
             PendingToken::Device(token) => token.embedding(self.text.embedding_table()),
         })?;
         Ok(self.text.forward(&embed, &rope)?)
+    }
+
+    /// Feeds `token` through a captured decode step where CUDA graphs are in use (capturing it
+    /// first; `feeds_left` tokens are still to be fed, this one included), returning the next
+    /// pick; `None` where the step is to run eagerly.
+    #[cfg(feature = "cuda")]
+    fn replayed_step(
+        &mut self,
+        replay: &mut ReplayState,
+        token: &PendingToken,
+        rope: &mut text::DecodeRope,
+        step: usize,
+        feeds_left: usize,
+        picks: &mut sampling::Picks,
+    ) -> Result<Option<PendingToken>> {
+        // the first step runs eagerly: every kernel module is loaded before a capture
+        let PendingToken::Device(token) = token else {
+            return Ok(None);
+        };
+        if !replay.wanted || step == 0 {
+            return Ok(None);
+        }
+        let rows = rope.at(&self.config.text, step)?;
+        if replay
+            .graph
+            .as_ref()
+            .is_some_and(|g| !g.has_room(&self.text))
+        {
+            replay.graph = None;
+        }
+        if replay.graph.is_none() {
+            // room for a few hundred positions at a time (captured anew after them)
+            let steps = feeds_left.min(ReplayState::POSITIONS_PER_CAPTURE);
+            let table = self.text.embedding_table().clone();
+            match cuda_graph::DecodeGraph::capture(&mut self.text, &table, &rows, steps) {
+                Ok(graph) => replay.graph = Some(graph),
+                Err(e) => {
+                    tracing::warn!("decode steps run one kernel at a time: capture failed: {e}");
+                    replay.wanted = false;
+                    return Ok(None);
+                }
+            }
+        }
+        let Some(graph) = replay.graph.as_mut() else {
+            return Ok(None);
+        };
+        let slot = picks.slot(&self.device)?;
+        let next = graph.step(&mut self.text, token, &rows, slot)?;
+        Ok(Some(PendingToken::Device(next)))
+    }
+
+    /// Without CUDA every step runs eagerly.
+    #[cfg(not(feature = "cuda"))]
+    fn replayed_step(
+        &mut self,
+        _replay: &mut ReplayState,
+        _token: &PendingToken,
+        _rope: &mut text::DecodeRope,
+        _step: usize,
+        _feeds_left: usize,
+        _picks: &mut sampling::Picks,
+    ) -> Result<Option<PendingToken>> {
+        Ok(None)
     }
 
     /// Whether greedy decoding feeds each token ahead (see [`Self::set_decode_pipelining`]).

@@ -27,6 +27,11 @@ pub fn set_enabled(on: bool) {
     ENABLED.store(on, Ordering::Relaxed);
 }
 
+/// Whether phases are being recorded.
+pub fn is_enabled() -> bool {
+    ENABLED.load(Ordering::Relaxed)
+}
+
 /// Runs `work` as the phase `name`: timed, with the device drained before and after, when
 /// recording; as it is otherwise.
 pub fn phase<T, E: From<candle_core::Error>>(

@@ -252,16 +252,22 @@ impl Picks {
     ) -> Result<PendingToken> {
         #[cfg(feature = "cuda")]
         if on_device && sampler.context_free() && logits.device().is_cuda() {
-            let slot = match self.spare_slots.pop() {
-                Some(slot) => slot,
-                None => super::cuda_fused::TokenSlot::new(logits.device())?,
-            };
+            let slot = self.slot(logits.device())?;
             return Ok(PendingToken::Device(super::cuda_fused::argmax_start(
                 logits, slot,
             )?));
         }
         let _ = on_device;
         Ok(PendingToken::Ready(sampler.next(logits, context)?))
+    }
+
+    /// Pinned host memory for the next device pick (a spare one, or new).
+    #[cfg(feature = "cuda")]
+    pub fn slot(&mut self, device: &candle_core::Device) -> Result<super::cuda_fused::TokenSlot> {
+        match self.spare_slots.pop() {
+            Some(slot) => Ok(slot),
+            None => Ok(super::cuda_fused::TokenSlot::new(device)?),
+        }
     }
 
     /// The token, once it is on the host.

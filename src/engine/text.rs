@@ -91,6 +91,15 @@ impl KvCache {
         Ok((kb.narrow(1, 0, self.len)?, vb.narrow(1, 0, self.len)?))
     }
 
+    /// The whole key and value buffers `(1, capacity, kv_heads, d)`.
+    #[cfg(feature = "cuda")]
+    fn buffers(&self) -> candle_core::Result<(Tensor, Tensor)> {
+        match (&self.k, &self.v) {
+            (Some(k), Some(v)) => Ok((k.clone(), v.clone())),
+            _ => candle_core::bail!("KV cache buffers read before they were reserved"),
+        }
+    }
+
     /// Appends `k`, `v` `(1, s, kv_heads, d)` and returns everything cached.
     pub fn append(&mut self, k: &Tensor, v: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
         let (_, s, kv_heads, d) = k.dims4()?;
@@ -105,6 +114,10 @@ impl KvCache {
 pub struct RotaryTables {
     pub cos: Tensor,
     pub sin: Tensor,
+    /// In a decode step captured as a CUDA graph: the device address of an i32 holding the
+    /// KV-cache position of the step's token, which the cache writes and the attention read when
+    /// the graph runs (see `cuda_graph`); `None` everywhere else.
+    pub replay: Option<u64>,
 }
 
 /// Builds M-RoPE tables for positions given as three rows (t, h, w).
@@ -138,6 +151,7 @@ pub fn mrope_tables(
     Ok(RotaryTables {
         cos: freqs.cos()?.to_dtype(dtype)?,
         sin: freqs.sin()?.to_dtype(dtype)?,
+        replay: None,
     })
 }
 
@@ -184,6 +198,7 @@ impl DecodeRope {
         Ok(RotaryTables {
             cos: tables.cos.narrow(0, row, 1)?,
             sin: tables.sin.narrow(0, row, 1)?,
+            replay: None,
         })
     }
 }
@@ -254,6 +269,23 @@ impl Attention {
         let (b, s, _) = x.dims3()?;
         let (q, k, v) = self.rotated_and_cached(x, rope, cache)?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
+        #[cfg(feature = "cuda")]
+        if let Some(position) = rope.replay {
+            // a captured decode step: the keys up to the position the device holds, read from
+            // the whole cache buffers (the views above end where the capture was)
+            let (kb, vb) = cache.buffers()?;
+            let out = super::cuda_fused::decode_attention_at(
+                &q.squeeze(0)?,
+                &kb.squeeze(0)?,
+                &vb.squeeze(0)?,
+                scale,
+                Some(position),
+            )?;
+            let Some(out) = out else {
+                candle_core::bail!("a captured decode step needs the fused decode attention");
+            };
+            return out.reshape((b, s, self.num_heads * self.head_dim));
+        }
         let out = profile::phase("text.attention.attend", x.device(), || {
             attention::causal(&q, &k, &v, scale)
         })?;
@@ -287,6 +319,7 @@ impl Attention {
                     &k_buf,
                     &v_buf,
                     at,
+                    rope.replay,
                 )?;
                 let (k, v) = cache.commit(s)?;
                 Ok((q, k, v))
@@ -504,6 +537,49 @@ impl TextModel {
         for cache in &mut self.caches {
             cache.truncate(len);
         }
+    }
+
+    /// Grows every layer's KV cache to hold `positions` (its buffers then stay where they are
+    /// until that many are cached).
+    #[cfg(feature = "cuda")]
+    pub fn reserve_cache(
+        &mut self,
+        positions: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<()> {
+        if self.caches.len() != self.layers.len() {
+            self.truncate_cache(0);
+        }
+        let heads = (self.cfg.num_key_value_heads, self.cfg.head_dim());
+        for cache in &mut self.caches {
+            let more = positions.saturating_sub(cache.len());
+            cache.reserve(more, heads, dtype, device)?;
+        }
+        Ok(())
+    }
+
+    /// Positions every layer's cache buffers hold room for.
+    #[cfg(feature = "cuda")]
+    pub fn cache_capacity(&self) -> usize {
+        self.caches
+            .iter()
+            .map(|c| {
+                let room = |b: &Option<Tensor>| b.as_ref().map_or(0, |b| b.dim(1).unwrap_or(0));
+                room(&c.k).min(room(&c.v))
+            })
+            .min()
+            .unwrap_or(0)
+    }
+
+    /// Counts `s` positions every layer's cache holds after kernels wrote them without the host
+    /// (a replayed decode step).
+    #[cfg(feature = "cuda")]
+    pub fn advance_cache(&mut self, s: usize) -> candle_core::Result<()> {
+        for cache in &mut self.caches {
+            cache.commit(s)?;
+        }
+        Ok(())
     }
 
     /// Number of positions in the KV cache.
