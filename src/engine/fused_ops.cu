@@ -236,9 +236,12 @@ __device__ __forceinline__ float dot8(uint4 w, uint4 x) {
     return s;
 }
 
-__device__ __forceinline__ float warp_dot(const u16 *w_row, const u16 *x, int k) {
+__device__ __forceinline__ float warp_dot(const u16 *__restrict__ w_row, const u16 *__restrict__ x,
+                                          int k) {
     const int lane = threadIdx.x & 31;
     float s = 0.0f;
+    // four 16-byte weight loads in flight per lane (the sums stay in order)
+#pragma unroll 4
     for (int c = lane * 8; c < k; c += 32 * 8) {
         s += dot8(*(const uint4 *)(w_row + c), *(const uint4 *)(x + c));
     }
