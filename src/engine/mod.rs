@@ -114,6 +114,10 @@ pub struct Timings {
 struct ReplayState {
     #[cfg(feature = "cuda")]
     graph: Option<cuda_graph::DecodeGraph>,
+    /// Graphs whose caches ran out of room: a token they picked may still be read from their
+    /// buffers, so they are dropped with the reply.
+    #[cfg(feature = "cuda")]
+    retired: Vec<cuda_graph::DecodeGraph>,
     /// Whether to use (and capture) graphs: off where they do not apply or a capture failed.
     #[cfg(feature = "cuda")]
     wanted: bool,
@@ -128,6 +132,8 @@ impl ReplayState {
         Self {
             #[cfg(feature = "cuda")]
             graph: None,
+            #[cfg(feature = "cuda")]
+            retired: Vec::new(),
             #[cfg(feature = "cuda")]
             wanted: tokens_on_device && cuda_graph::enabled() && !profile::is_enabled(),
         }
@@ -707,7 +713,8 @@ impl Qwen2Vl {
             .as_ref()
             .is_some_and(|g| !g.has_room(&self.text))
         {
-            replay.graph = None;
+            // kept until the reply ends: the token fed next lives in its key buffer
+            replay.retired.extend(replay.graph.take());
         }
         if replay.graph.is_none() {
             // room for a few hundred positions at a time (captured anew after them)
