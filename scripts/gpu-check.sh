@@ -11,9 +11,9 @@
 #      the other on the same GPU, same sizes, 2B shapes, bf16; scripts/bench_vs_reference.py prints
 #      the ratios;
 #   3. where the time goes: `vlad bench --profile` (phases), with flash attention and without;
-#      `ab`: vlad alone as built, with decode steps replayed from a CUDA graph (VLAD_CUDA_GRAPHS=1),
-#      without pipelined decoding, with the cp.async flash build (VLAD_CUDA_FLASH=async), without
-#      the fused decoder kernels, and without flash attention;
+#      `ab`: vlad alone as built, with pipelined decoding (VLAD_CUDA_PIPELINE=1), with decode steps
+#      replayed from a CUDA graph as well (VLAD_CUDA_GRAPHS=1), with the cp.async flash build
+#      (VLAD_CUDA_FLASH=async), without the fused decoder kernels, and without flash attention;
 #   4. where the host CPU has AMX: the CPU kernels' unit tests and `vlad bench --device cpu` with
 #      and without the tiles (VLAD_AMX=0).
 #   5. where the GPU time goes: every kernel of one step at the largest size (Nsight Compute), and
@@ -57,7 +57,7 @@ timeout 120 .gpu/bin/engine_generation --test-threads 1 --nocapture --skip cli_ 
   | tee "$out/parity_generation.log" | grep -E 'deviation|test result|panicked|FAILED|failed'
 [[ ${PIPESTATUS[0]} == 0 ]] || status=1
 # decode steps replayed from a CUDA graph (opt-in): the same replies as step by step
-VLAD_CUDA_GRAPHS=1 timeout 120 .gpu/bin/engine_generation --test-threads 1 --nocapture --skip cli_ \
+VLAD_CUDA_PIPELINE=1 VLAD_CUDA_GRAPHS=1 timeout 120 .gpu/bin/engine_generation --test-threads 1 --nocapture --skip cli_ \
   2>&1 | tee "$out/parity_graphs.log" | grep -E 'test result|panicked|FAILED|failed|capture'
 [[ ${PIPESTATUS[0]} == 0 ]] || status=1
 # the flash attention kernels against exact sums, the fused decoder kernels against candle ops
@@ -77,9 +77,10 @@ fi
 
 # where the time goes, phase by phase (device drained around each: host and GPU time together)
 if want ab; then
-echo "== vlad alone: as built, decode graphs, without pipelined decoding, cp.async flash, without the fused decoder kernels, without flash attention"
-for switch in "" VLAD_CUDA_GRAPHS=1 VLAD_CUDA_PIPELINE=0 VLAD_CUDA_FLASH=async VLAD_CUDA_FUSED=0 VLAD_CUDA_FLASH=0; do
-  echo "-- ${switch:-all on}"
+echo "== vlad alone: as built, pipelined decoding, with decode graphs, cp.async flash, without the fused decoder kernels, without flash attention"
+for switch in "" VLAD_CUDA_PIPELINE=1 "VLAD_CUDA_PIPELINE=1 VLAD_CUDA_GRAPHS=1" VLAD_CUDA_FLASH=async \
+  VLAD_CUDA_FUSED=0 VLAD_CUDA_FLASH=0; do
+  echo "-- ${switch:-as built}"
   env $switch timeout 150 .gpu/bin/vlad bench --config 2b --tokenizer .gpu/tokenizer --device cuda \
     --dtype bf16 --sizes "$sizes" --decode-tokens 64 --runs 3 2>&1 | tee -a "$out/ab.txt" | grep -v '^model'
 done

@@ -7,8 +7,9 @@
 //! read it there), and the rotary rows of that position. The KV caches are grown before the
 //! capture, so their buffers stay where the graph writes.
 //!
-//! Opt-in with `VLAD_CUDA_GRAPHS=1` while it has not been measured on a GPU; where the capture
-//! fails the engine logs why and decodes step by step.
+//! Opt-in with `VLAD_CUDA_GRAPHS=1` while it has not been measured on a GPU; it replays the
+//! pipelined loop's steps, so decoding must be pipelined too (`VLAD_CUDA_PIPELINE=1`). Where the
+//! capture fails the engine logs why and decodes step by step.
 
 use std::sync::{Arc, OnceLock};
 

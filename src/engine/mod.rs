@@ -755,10 +755,11 @@ impl Qwen2Vl {
     fn decode_pipelined(&self) -> bool {
         match self.decode_pipelining {
             Some(on) => on,
-            // where the token can stay on the device (CUDA, bf16): elsewhere nothing is gained
+            // opt-in until measured on a GPU, and only where the token can stay on the device
+            // (CUDA, bf16): elsewhere nothing is gained
             None => {
                 self.device_embeddings()
-                    && std::env::var("VLAD_CUDA_PIPELINE").as_deref() != Ok("0")
+                    && std::env::var("VLAD_CUDA_PIPELINE").as_deref() == Ok("1")
             }
         }
     }
@@ -773,7 +774,7 @@ impl Qwen2Vl {
     }
 
     /// Greedy decoding, pipelined or not: `None` (the default) pipelines on a CUDA device in
-    /// bf16 (where the token can stay on the device) unless `VLAD_CUDA_PIPELINE=0`. Pipelined, the host queues the next step before it has read the
+    /// bf16 (where the token can stay on the device) with `VLAD_CUDA_PIPELINE=1`. Pipelined, the host queues the next step before it has read the
     /// token it feeds, which hides its per-token work; the step after the reply's last token is
     /// then computed for nothing, which costs a GPU little and a CPU a whole step. The tokens are
     /// the same either way.
