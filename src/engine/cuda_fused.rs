@@ -449,34 +449,41 @@ pub struct DeviceToken {
 /// Queues the argmax of `logits` (f32) and the copy of its result into `slot`, without waiting.
 pub fn argmax_start(logits: &Tensor, slot: TokenSlot) -> Result<DeviceToken> {
     let key = launch_argmax(logits)?;
-    DeviceToken::read_back(key, slot)
+    let stream = key.stream().clone();
+    DeviceToken::read_back(buffer_address(&key, &stream), Some(key), &stream, slot)
+}
+
+/// The device address of a buffer's first element.
+pub(super) fn buffer_address<T>(buffer: &CudaSlice<T>, stream: &CudaStream) -> u64 {
+    buffer.device_ptr(stream).0
 }
 
 impl DeviceToken {
-    /// Queues the copy of `key` (a device buffer holding an argmax key) into `slot`.
-    pub(super) fn read_back(key: impl Into<KeyBuffer>, mut slot: TokenSlot) -> Result<Self> {
-        let key: KeyBuffer = key.into();
-        let stream = key.stream.clone();
-        // into pinned memory the copy is asynchronous; the slot's event marks its end
-        match &key.owned {
-            Some(owned) => stream.memcpy_dtoh(owned, &mut slot.host).w()?,
-            // SAFETY: `address` is a live u64 on this stream's device (the caller's buffer),
-            // the slot's host memory holds one u64 and stays allocated until the copy is done
-            // (`wait` synchronises on the event recorded below before the slot can be dropped
-            // or reused).
-            None => unsafe {
-                result::memcpy_dtoh_async(
-                    std::slice::from_raw_parts_mut(slot.host.as_mut_ptr().w()?, 1),
-                    key.address,
-                    stream.cu_stream(),
-                )
-            }
-            .w()?,
+    /// Queues the copy of the argmax key at `key` into `slot`; `owned` is the key's memory
+    /// where the token keeps it (else the caller's buffer holds it).
+    pub(super) fn read_back(
+        key: u64,
+        owned: Option<CudaSlice<u64>>,
+        stream: &CudaStream,
+        mut slot: TokenSlot,
+    ) -> Result<Self> {
+        // SAFETY: `key` is a live u64 on this stream's device (owned here, or the caller's
+        // buffer, freed if at all behind this copy); the slot's host memory holds one u64 and
+        // stays allocated until the copy is done (`wait` synchronises on the event recorded
+        // below before the slot can be dropped or reused). Into pinned memory the copy is
+        // asynchronous.
+        unsafe {
+            result::memcpy_dtoh_async(
+                std::slice::from_raw_parts_mut(slot.host.as_mut_ptr().w()?, 1),
+                key,
+                stream.cu_stream(),
+            )
         }
-        slot.copied.record(&stream).w()?;
+        .w()?;
+        slot.copied.record(stream).w()?;
         Ok(Self {
-            key: key.address,
-            _owned: key.owned,
+            key,
+            _owned: owned,
             slot,
         })
     }
@@ -499,37 +506,6 @@ impl DeviceToken {
     /// host learns of it from [`DeviceToken::wait`].
     pub fn embedding(&self, table: &Tensor) -> Result<Tensor> {
         embedding_at(self.key, table)
-    }
-}
-
-/// A device buffer with an argmax key: owned by the token, or someone else's (by address).
-pub(super) struct KeyBuffer {
-    address: u64,
-    owned: Option<CudaSlice<u64>>,
-    stream: std::sync::Arc<CudaStream>,
-}
-
-impl From<CudaSlice<u64>> for KeyBuffer {
-    fn from(owned: CudaSlice<u64>) -> Self {
-        let stream = owned.stream().clone();
-        let address = owned.device_ptr(&stream).0;
-        Self {
-            address,
-            owned: Some(owned),
-            stream,
-        }
-    }
-}
-
-impl From<&CudaSlice<u64>> for KeyBuffer {
-    fn from(buffer: &CudaSlice<u64>) -> Self {
-        let stream = buffer.stream().clone();
-        let address = buffer.device_ptr(&stream).0;
-        Self {
-            address,
-            owned: None,
-            stream,
-        }
     }
 }
 

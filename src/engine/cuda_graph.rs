@@ -17,7 +17,7 @@ use candle_core::cuda_backend::WrapErr;
 use candle_core::cuda_backend::cudarc::driver::{CudaGraph, CudaSlice, CudaStream, result, sys};
 use candle_core::{Device, Result, Tensor};
 
-use super::cuda_fused::{self, DeviceToken, TokenSlot};
+use super::cuda_fused::{self, DeviceToken, TokenSlot, buffer_address};
 use super::text::{RotaryTables, TextModel};
 
 /// Whether decode steps are captured (`VLAD_CUDA_GRAPHS=1`).
@@ -64,9 +64,9 @@ impl DecodeGraph {
         let tables = RotaryTables {
             cos: cos.clone(),
             sin: sin.clone(),
-            replay: Some(address_i32(&position, &stream)),
+            replay: Some(buffer_address(&position, &stream)),
         };
-        let key_address = address_u64(&key, &stream);
+        let key_address = buffer_address(&key, &stream);
         // everything the step allocates is freed inside it, so the graph can run again
         stream
             .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
@@ -122,7 +122,7 @@ impl DecodeGraph {
         self.stream.memcpy_htod(&host[..], &mut self.position).w()?;
         self.cos.slice_set(&rope.cos, 0, 0)?;
         self.sin.slice_set(&rope.sin, 0, 0)?;
-        let key = address_u64(&self.key, &self.stream);
+        let key = buffer_address(&self.key, &self.stream);
         if token.key_address() != key {
             // SAFETY: both addresses hold one u64 on this stream's device: the token's key (its
             // owner outlives this call) and the graph's own buffer.
@@ -133,16 +133,6 @@ impl DecodeGraph {
         }
         self.graph.launch().w()?;
         text.advance_cache(1)?;
-        DeviceToken::read_back(&self.key, slot)
+        DeviceToken::read_back(key, None, &self.stream, slot)
     }
-}
-
-fn address_u64(buffer: &CudaSlice<u64>, stream: &Arc<CudaStream>) -> u64 {
-    use candle_core::cuda_backend::cudarc::driver::DevicePtr;
-    buffer.device_ptr(stream).0
-}
-
-fn address_i32(buffer: &CudaSlice<i32>, stream: &Arc<CudaStream>) -> u64 {
-    use candle_core::cuda_backend::cudarc::driver::DevicePtr;
-    buffer.device_ptr(stream).0
 }

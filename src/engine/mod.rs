@@ -565,10 +565,10 @@ impl Qwen2Vl {
         let mut generated: Vec<u32> = Vec::new();
         let mut stream = TextStream::new(&options.stop_strings);
         let mut finish = FinishReason::MaxTokens;
-        // Pipelined (greedy on a GPU): each token is fed to the next step while it is still on
-        // its way back, so the host queues step N+1 before it reads token N and the device never
-        // waits for the host's per-token work. A token that ends the reply has then been fed
-        // for nothing; the cache forgets it below.
+        // Pipelined (greedy on a GPU, opt-in for now): each token is fed to the next step while
+        // it is still on its way back, so the host queues step N+1 before it reads token N and
+        // the device never waits for the host's per-token work. A token that ends the reply has
+        // then been fed for nothing; the cache forgets it below.
         let pipelined = self.decode_pipelined() && sampler.context_free();
         let on_device = pipelined && self.device_embeddings();
         let mut picks = sampling::Picks::default();

@@ -145,7 +145,6 @@ pub struct TokenSampler {
     processor: LogitsProcessor,
     repetition_penalty: f32,
     /// Argmax: on a GPU it runs on the device.
-    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     greedy: bool,
 }
 
@@ -196,11 +195,17 @@ impl TokenSampler {
         })
     }
 
+    /// Whether a pick depends on the logits alone (greedy, no repetition penalty), so the step
+    /// after it can be queued before the token is known.
+    pub fn context_free(&self) -> bool {
+        self.greedy && self.repetition_penalty == 1.0
+    }
+
     /// Picks the next token from `logits` `(vocab,)` given every token so far (prompt included,
     /// as the reference's repetition penalty does).
     pub fn next(&mut self, logits: &Tensor, context: &[u32]) -> Result<u32> {
         #[cfg(feature = "cuda")]
-        if self.greedy && self.repetition_penalty == 1.0 && logits.device().is_cuda() {
+        if self.context_free() && logits.device().is_cuda() {
             // on the device: 8 bytes back instead of the whole vocabulary
             return Ok(super::cuda_fused::argmax(logits)?);
         }
@@ -214,14 +219,6 @@ impl TokenSampler {
             logits.clone()
         };
         Ok(self.processor.sample(&logits)?)
-    }
-}
-
-impl TokenSampler {
-    /// Whether a pick depends on the logits alone (greedy, no repetition penalty), so the step
-    /// after it can be queued before the token is known.
-    pub fn context_free(&self) -> bool {
-        self.greedy && self.repetition_penalty == 1.0
     }
 }
 

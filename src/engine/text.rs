@@ -30,6 +30,13 @@ impl KvCache {
         self.len == 0
     }
 
+    /// Positions the buffers hold room for.
+    #[cfg(feature = "cuda")]
+    fn capacity(&self) -> usize {
+        let room = |b: &Option<Tensor>| b.as_ref().map_or(0, |b| b.dim(1).unwrap_or(0));
+        room(&self.k).min(room(&self.v))
+    }
+
     /// Forgets everything after the first `len` positions.
     pub fn truncate(&mut self, len: usize) {
         self.len = self.len.min(len);
@@ -562,14 +569,7 @@ impl TextModel {
     /// Positions every layer's cache buffers hold room for.
     #[cfg(feature = "cuda")]
     pub fn cache_capacity(&self) -> usize {
-        self.caches
-            .iter()
-            .map(|c| {
-                let room = |b: &Option<Tensor>| b.as_ref().map_or(0, |b| b.dim(1).unwrap_or(0));
-                room(&c.k).min(room(&c.v))
-            })
-            .min()
-            .unwrap_or(0)
+        self.caches.iter().map(KvCache::capacity).min().unwrap_or(0)
     }
 
     /// Counts `s` positions every layer's cache holds after kernels wrote them without the host

@@ -292,22 +292,12 @@ impl VisionTower {
     }
 }
 
-/// The values of `media` one after another, each converted by `convert`, in parallel.
-fn gather<T: Copy + Default + Send>(media: &[&[f32]], convert: impl Fn(f32) -> T + Sync) -> Vec<T> {
-    const CHUNK: usize = 1 << 16;
-    let total = media.iter().map(|m| m.len()).sum();
-    let mut out = vec![T::default(); total];
-    let mut rest = out.as_mut_slice();
+/// The values of `media` one after another, each converted by `convert`, in parallel (written
+/// in place, no zeroing first).
+fn gather<T: Send>(media: &[&[f32]], convert: impl Fn(f32) -> T + Sync + Send) -> Vec<T> {
+    let mut out = Vec::with_capacity(media.iter().map(|m| m.len()).sum());
     for values in media {
-        let (dst, tail) = rest.split_at_mut(values.len());
-        rest = tail;
-        dst.par_chunks_mut(CHUNK)
-            .zip(values.par_chunks(CHUNK))
-            .for_each(|(dst, src)| {
-                for (d, &s) in dst.iter_mut().zip(src) {
-                    *d = convert(s);
-                }
-            });
+        out.par_extend(values.par_iter().map(|&v| convert(v)));
     }
     out
 }

@@ -626,6 +626,7 @@ fn patchify(
     let plane = tp * frame_len; // values of one channel in a row
     // One task per row of merge blocks (`gw · m` patches) of one temporal group; rows of patches
     // follow the reference's order: groups, block rows, block columns, then 2×2 inside a block.
+    // (never 0: with no patch columns there are no rows either, and no chunks)
     let block_row_len = (gw * m * row_len).max(1);
     values
         .par_chunks_exact_mut(block_row_len)
