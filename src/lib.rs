@@ -5,6 +5,7 @@
 
 pub mod action;
 pub mod agent;
+mod aligned_alloc;
 pub mod daemon;
 pub mod engine;
 pub mod environment;
@@ -15,3 +16,8 @@ pub mod protocol;
 pub mod report;
 pub mod script;
 pub mod tools;
+
+/// Large blocks start on a cache line (see [`aligned_alloc`]): the CPU kernels read activations
+/// as whole lines.
+#[global_allocator]
+static ALLOCATOR: aligned_alloc::CacheLineAligned = aligned_alloc::CacheLineAligned;

@@ -1258,4 +1258,40 @@ mod tests {
             }
         }
     }
+
+    /// Rates of the bf16 products on this machine (`cargo test --release --lib gemm_rates --
+    /// --ignored --nocapture`): the vision tower's and the decoder's shapes, and attention's.
+    #[test]
+    #[ignore = "a measurement, not a check"]
+    fn gemm_rates() {
+        if !Kernel::detect().is_some_and(Kernel::has_bf16) {
+            return;
+        }
+        let value = |i: usize| bf16::from_f32(((i * 2_654_435_761) % 4099) as f32 / 4099.0 - 0.5);
+        for (name, m, n, k) in [
+            ("vision fc1", 1196, 5120, 1280),
+            ("vision fc2", 1196, 1280, 5120),
+            ("vision qkv", 4784, 3840, 1280),
+            ("text gate_up", 331, 17920, 1536),
+            ("text down", 331, 1536, 8960),
+        ] {
+            let w: Vec<bf16> = (0..n * k).map(value).collect();
+            let a: Vec<bf16> = (0..m * k).map(|i| value(i + 7)).collect();
+            let packed =
+                PackedWeight::pack_bf16(&w, n, k, Strides::row_major(k), Placement::Scratch)
+                    .unwrap();
+            let mut c = vec![0f32; m * n];
+            let mut best = f64::MAX;
+            for _ in 0..5 {
+                let t = std::time::Instant::now();
+                packed.matmul_bf16_then(&a, m, k, None, &mut c, n, 1, |_, _, _| {});
+                best = best.min(t.elapsed().as_secs_f64());
+            }
+            let gflops = 2.0 * (m * n * k) as f64 / best / 1e9;
+            eprintln!(
+                "{name:>14} {m}x{n}x{k}: {:.2} ms, {gflops:.0} GFLOP/s",
+                best * 1e3
+            );
+        }
+    }
 }
