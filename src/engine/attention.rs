@@ -326,6 +326,10 @@ mod tests {
             // several blocks of queries per head, each task narrower or wider than the one
             // before on its thread: stale values in reused buffers must not leak in
             (100, 2000, 2, 1, 8, Some(1900)),
+            // whole and partial AMX blocks of queries, keys and head size (zero-extended)
+            (70, 70, 2, 2, 80, None),
+            (64, 96, 2, 1, 80, Some(32)),
+            (33, 45, 1, 1, 40, Some(12)),
         ];
         for (s, t, heads, kv_heads, d, offset) in cases {
             let q = rand((s, heads, d));

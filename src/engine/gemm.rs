@@ -101,6 +101,7 @@ impl Strides {
 impl PackedWeight {
     /// Packs `W` (`n × k`, element `(r, c)` at `r * s.row + c * s.col` of `w`) in f32; `None`
     /// when this CPU lacks AVX-512F.
+    #[cfg(test)]
     pub fn pack_f32(
         w: &[f32],
         n: usize,
@@ -108,21 +109,39 @@ impl PackedWeight {
         s: Strides,
         placement: Placement,
     ) -> Option<Self> {
+        Self::pack_f32_extended(w, (n, k), (n, k), s, placement)
+    }
+
+    /// [`Self::pack_f32`] of `W` (`n × k`) zero-extended to `n_total × k_total`: a product over
+    /// the extension adds exact zeros.
+    pub fn pack_f32_extended(
+        w: &[f32],
+        (n, k): (usize, usize),
+        (n_total, k_total): (usize, usize),
+        s: Strides,
+        placement: Placement,
+    ) -> Option<Self> {
         Kernel::detect()?;
-        let panels = n.div_ceil(NR);
-        let mut out = WeightBuffer::zeroed(panels * k * NR, placement);
-        out.par_chunks_mut(k * NR).enumerate().for_each(|(p, dst)| {
-            for c in 0..NR.min(n - p * NR) {
-                let r = p * NR + c;
-                for kk in 0..k {
-                    dst[kk * NR + c] = w[r * s.row + kk * s.col];
+        assert!(
+            n <= n_total && k <= k_total,
+            "extension smaller than the matrix"
+        );
+        let panels = n_total.div_ceil(NR);
+        let mut out = WeightBuffer::zeroed(panels * k_total * NR, placement);
+        out.par_chunks_mut(k_total * NR)
+            .enumerate()
+            .for_each(|(p, dst)| {
+                for c in 0..NR.min(n.saturating_sub(p * NR)) {
+                    let r = p * NR + c;
+                    for kk in 0..k {
+                        dst[kk * NR + c] = w[r * s.row + kk * s.col];
+                    }
                 }
-            }
-        });
+            });
         Some(Self {
-            n,
-            k,
-            k_padded: k,
+            n: n_total,
+            k: k_total,
+            k_padded: k_total,
             panels: Panels::F32(out),
         })
     }
@@ -136,26 +155,45 @@ impl PackedWeight {
         s: Strides,
         placement: Placement,
     ) -> Option<Self> {
+        Self::pack_bf16_extended(w, (n, k), (n, k), s, placement)
+    }
+
+    /// [`Self::pack_bf16`] of `W` (`n × k`) zero-extended to `n_total × k_total`: a product over
+    /// the extension adds exact zeros. Attention extends its keys and head size to whole AMX
+    /// blocks this way ([`tile_multiple`]).
+    pub fn pack_bf16_extended(
+        w: &[bf16],
+        (n, k): (usize, usize),
+        (n_total, k_total): (usize, usize),
+        s: Strides,
+        placement: Placement,
+    ) -> Option<Self> {
         if !Kernel::detect()?.has_bf16() {
             return None;
         }
-        let panels = n.div_ceil(NR);
-        let k_padded = k.next_multiple_of(2);
+        assert!(
+            n <= n_total && k <= k_total,
+            "extension smaller than the matrix"
+        );
+        let panels = n_total.div_ceil(NR);
+        let k_padded = k_total.next_multiple_of(2);
         let mut out = WeightBuffer::zeroed(panels * k_padded * NR, placement);
         out.par_chunks_mut(k_padded * NR)
             .enumerate()
             .for_each(|(p, dst)| {
-                for c in 0..NR.min(n - p * NR) {
-                    let r = p * NR + c;
-                    for kk in 0..k {
-                        dst[(kk / 2) * 2 * NR + c * 2 + kk % 2] =
-                            w[r * s.row + kk * s.col].to_bits();
+                // `k` outermost: the panel's 32 source rows stay in cache while `k` advances,
+                // and a transposed source (values, for attention) is read along its rows
+                let cols = NR.min(n.saturating_sub(p * NR));
+                for kk in 0..k {
+                    let out = &mut dst[(kk / 2) * 2 * NR + kk % 2..];
+                    for c in 0..cols {
+                        out[c * 2] = w[(p * NR + c) * s.row + kk * s.col].to_bits();
                     }
                 }
             });
         Some(Self {
-            n,
-            k,
+            n: n_total,
+            k: k_total,
             k_padded,
             panels: Panels::Bf16(out),
         })
@@ -675,6 +713,12 @@ pub fn describe() -> &'static str {
 /// AVX-512 tiles' 12.
 pub fn row_multiple() -> usize {
     if amx::enabled() { amx::BLOCK } else { MR }
+}
+
+/// What bf16 products' rows, columns and `k` come in multiples of to run on AMX alone: 32 where
+/// AMX is used (a 32 × 32 block, 16 pairs of `k` per step), else 1 (no block to fill).
+pub fn tile_multiple() -> usize {
+    if amx::enabled() { amx::BLOCK } else { 1 }
 }
 
 /// Whether a product of `m` rows of A runs on AMX.
