@@ -510,25 +510,39 @@ fn packed_bf16_into(
         candle_core::bail!("packed bf16 layer on a non-CPU input");
     };
     let a = &values[layout.start_offset()..layout.start_offset() + rows * k];
-    let mut sums = vec![0f32; rows * n];
     let mut out = vec![bf16::ZERO; rows * width];
     let dst = SharedOut(out.as_mut_ptr());
-    w.matmul_bf16_then(
-        a,
-        rows,
-        k,
-        bias,
-        &mut sums,
-        n,
-        group,
-        |row, first, values| {
-            // SAFETY: each thread finishes only its own columns of `out` (rows × width).
-            let offset = row * width + first / group;
-            let out = unsafe { dst.slice(offset, values.len() / group) };
-            finish(offset, values, out);
-        },
-    );
+    SUMS.with_borrow_mut(|sums| {
+        // every sum is written by the product before it is read
+        if sums.len() < rows * n {
+            sums.resize(rows * n, 0.0);
+        }
+        w.matmul_bf16_then(
+            a,
+            rows,
+            k,
+            bias,
+            &mut sums[..rows * n],
+            n,
+            group,
+            |row, first, values| {
+                // SAFETY: each thread finishes only its own columns of `out` (rows × width).
+                let offset = row * width + first / group;
+                let out = unsafe { dst.slice(offset, values.len() / group) };
+                finish(offset, values, out);
+            },
+        )
+    });
     Tensor::from_vec(out, dims, &Device::Cpu)
+}
+
+thread_local! {
+    /// The f32 sums of the packed products run from this thread, kept for the next product:
+    /// a fresh buffer of this size (tens of MB for a screenshot's patches) comes from `mmap`
+    /// and faults in zeroed pages on every call, which doubled the time of the vision tower's
+    /// q/k/v product at 1280×720. It grows to the largest product and stays (within the peak
+    /// memory of a step, which held it anyway).
+    static SUMS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// `x (.., in) · wᵀ` as one 2-D matmul: no broadcast copy of the weight per batch.
