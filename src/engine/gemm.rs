@@ -1375,6 +1375,57 @@ mod tests {
         }
     }
 
+    #[test]
+    fn zero_extended_packing_adds_exact_zeros() {
+        if !Kernel::detect().is_some_and(Kernel::has_bf16) {
+            return;
+        }
+        // a transposed source (as attention's values), extended to whole 32-wide blocks
+        let (m, n, k, n_ext, k_ext) = (40, 45, 70, 64, 96);
+        let bf = |v: Vec<f32>| -> Vec<bf16> { v.iter().map(|&x| bf16::from_f32(x)).collect() };
+        let (w_t, a) = (bf(values(k * n, 21)), bf(values(m * k, 22)));
+        let strides = Strides { row: 1, col: n };
+        let plain =
+            PackedWeight::pack_bf16_extended(&w_t, (n, k), (n, k), strides, Placement::Scratch)
+                .unwrap();
+        let extended = PackedWeight::pack_bf16_extended(
+            &w_t,
+            (n, k),
+            (n_ext, k_ext),
+            strides,
+            Placement::Scratch,
+        )
+        .unwrap();
+        assert_eq!((extended.n(), extended.k()), (n_ext, k_ext));
+        let mut a_ext = vec![bf16::ZERO; m * k_ext];
+        for r in 0..m {
+            a_ext[r * k_ext..r * k_ext + k].copy_from_slice(&a[r * k..(r + 1) * k]);
+        }
+        let mut want = vec![0f32; m * n];
+        plain.matmul_bf16_serial(&a, m, k, &mut want, n, n, k);
+        let mut got = vec![f32::NAN; m * n_ext];
+        extended.matmul_bf16_serial(&a_ext, m, k_ext, &mut got, n_ext, n_ext, k_ext);
+        for i in 0..m {
+            for j in 0..n_ext {
+                let g = got[i * n_ext + j];
+                if j < n {
+                    let w = want[i * n + j];
+                    assert!(
+                        (g - w).abs() <= 1e-5 * w.abs().max(1.0),
+                        "({i},{j}): {g} vs {w}"
+                    );
+                    // and against the source read through its strides
+                    let exact: f64 = (0..k)
+                        .map(|kk| a[i * k + kk].to_f64() * w_t[kk * n + j].to_f64())
+                        .sum();
+                    assert!((g as f64 - exact).abs() < 1e-3, "({i},{j}): {g} vs {exact}");
+                } else {
+                    assert_eq!(g, 0.0, "extension column {j}");
+                }
+            }
+        }
+    }
+
     /// Rates of the bf16 products on this machine (`cargo test --release --lib gemm_rates --
     /// --ignored --nocapture`): the vision tower's and the decoder's shapes, and attention's.
     #[test]
