@@ -330,6 +330,17 @@ impl Linear {
                     let mut dims = x.dims().to_vec();
                     *dims.last_mut().expect("x has a last dim") = n;
                     Tensor::from_vec(q.matvec(&xs), dims, &Device::Cpu)?.to_dtype(x.dtype())?
+                } else if x.dtype() == DType::BF16
+                    && x.device().is_cpu()
+                    && let Some(packed) =
+                        PackedWeight::pack_bf16_with((n, k), (n, k), Placement::Scratch, |r, c| {
+                            q.value_bf16(r, c)
+                        })
+                {
+                    // a prompt in bf16: the weights unpacked into the bf16 kernel's panels for
+                    // this product (one pass over them), instead of candle's matmul over an f32
+                    // copy cast to bf16, which made a 331-token prompt 9× slower than unquantized
+                    packed_bf16(x, &packed, None, None)?
                 } else {
                     let w = Tensor::from_vec(q.dequantize(), (n, k), &Device::Cpu)?
                         .to_device(x.device())?
@@ -343,6 +354,22 @@ impl Linear {
                     matmul
                         .forward(&x.to_dtype(DType::F32)?)?
                         .to_dtype(x.dtype())?
+                } else if x.dtype() == DType::BF16 && x.device().is_cpu() {
+                    // a prompt in bf16 on the CPU: through the bf16 kernel, as for Q8_0 above
+                    let (n, k) = q.shape().dims2()?;
+                    let values: Vec<f32> = q.dequantize(x.device())?.flatten_all()?.to_vec1()?;
+                    match PackedWeight::pack_bf16_with(
+                        (n, k),
+                        (n, k),
+                        Placement::Scratch,
+                        |r, c| bf16::from_f32(values[r * k + c]),
+                    ) {
+                        Some(packed) => packed_bf16(x, &packed, None, None)?,
+                        None => matmul_2d(
+                            x,
+                            &Tensor::from_vec(values, (n, k), x.device())?.to_dtype(x.dtype())?,
+                        )?,
+                    }
                 } else {
                     let w = q.dequantize(x.device())?.to_dtype(x.dtype())?;
                     matmul_2d(x, &w)?
@@ -512,27 +539,29 @@ fn packed_bf16_into(
     let a = &values[layout.start_offset()..layout.start_offset() + rows * k];
     let mut out = vec![bf16::ZERO; rows * width];
     let dst = SharedOut(out.as_mut_ptr());
-    SUMS.with_borrow_mut(|sums| {
-        // every sum is written by the product before it is read
-        if sums.len() < rows * n {
-            sums.resize(rows * n, 0.0);
-        }
-        w.matmul_bf16_then(
-            a,
-            rows,
-            k,
-            bias,
-            &mut sums[..rows * n],
-            n,
-            group,
-            |row, first, values| {
-                // SAFETY: each thread finishes only its own columns of `out` (rows × width).
-                let offset = row * width + first / group;
-                let out = unsafe { dst.slice(offset, values.len() / group) };
-                finish(offset, values, out);
-            },
-        )
-    });
+    // taken out while in use: a rayon thread waiting for this product's threads may run
+    // another product meanwhile (another model's, or a nested one), which then gets a fresh one
+    let mut sums = SUMS.take();
+    // every sum is written by the product before it is read
+    if sums.len() < rows * n {
+        sums.resize(rows * n, 0.0);
+    }
+    w.matmul_bf16_then(
+        a,
+        rows,
+        k,
+        bias,
+        &mut sums[..rows * n],
+        n,
+        group,
+        |row, first, values| {
+            // SAFETY: each thread finishes only its own columns of `out` (rows × width).
+            let offset = row * width + first / group;
+            let out = unsafe { dst.slice(offset, values.len() / group) };
+            finish(offset, values, out);
+        },
+    );
+    SUMS.set(sums);
     Tensor::from_vec(out, dims, &Device::Cpu)
 }
 
@@ -542,7 +571,7 @@ thread_local! {
     /// and faults in zeroed pages on every call, which doubled the time of the vision tower's
     /// q/k/v product at 1280×720. It grows to the largest product and stays (within the peak
     /// memory of a step, which held it anyway).
-    static SUMS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    static SUMS: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
 /// `x (.., in) · wᵀ` as one 2-D matmul: no broadcast copy of the weight per batch.
@@ -620,6 +649,43 @@ mod tests {
                 assert!(
                     diff / scale < tolerance,
                     "{name}, {rows} rows: {diff} of {scale}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn quantized_prompts_in_bf16_multiply_the_dequantized_weights() {
+        let w = Tensor::randn(0f32, 1.0, (96, 256), &Device::Cpu).unwrap();
+        for format in [Quantization::Q8_0, Quantization::Q4K] {
+            let mut q = Linear::new(w.clone(), None);
+            assert!(q.quantize(format).unwrap());
+            // what the quantized layer stands for, in bf16 (the old path: dequantize, cast, matmul)
+            let approx = match &q.weight {
+                Weight::Int8(q) => Tensor::from_vec(q.dequantize(), (96, 256), &Device::Cpu),
+                Weight::Ggml(q, _) => q.dequantize(&Device::Cpu),
+                _ => panic!("{format}: not quantized"),
+            }
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap();
+            for rows in [3, 40] {
+                let x = Tensor::randn(0f32, 1.0, (1, rows, 256), &Device::Cpu)
+                    .unwrap()
+                    .to_dtype(DType::BF16)
+                    .unwrap();
+                let got = q.forward(&x).unwrap().to_dtype(DType::F32).unwrap();
+                let want = matmul_2d(
+                    &x.to_dtype(DType::F32).unwrap(),
+                    &approx.to_dtype(DType::F32).unwrap(),
+                )
+                .unwrap();
+                let diff = max_abs(&(&got - &want).unwrap());
+                // sums in f32, one rounding to bf16 (a step is 2⁻⁸ of the value)
+                assert!(
+                    diff <= max_abs(&want) / 128.0,
+                    "{format}, {rows} rows: {diff} of {}",
+                    max_abs(&want)
                 );
             }
         }

@@ -242,6 +242,14 @@ impl Int8Rows {
         self.q.len() + self.scales.len() * 4
     }
 
+    /// The approximated value at row `r`, column `c`, rounded to bf16 (as the f32 matrix of
+    /// [`Self::dequantize`] cast to bf16).
+    #[inline]
+    pub fn value_bf16(&self, r: usize, c: usize) -> half::bf16 {
+        let scale = self.scales[(r * self.k + c) / Q8_BLOCK];
+        half::bf16::from_f32(self.q[r * self.k + c] as f32 * scale)
+    }
+
     /// The approximated matrix, row-major f32.
     pub fn dequantize(&self) -> Vec<f32> {
         let mut out = vec![0f32; self.n * self.k];
