@@ -174,9 +174,8 @@ impl PackedWeight {
     }
 
     /// Packs the `n × k` matrix whose element `(r, c)` is `value(r, c)` in bf16, zero-extended
-    /// to `n_total × k_total` (quantized weights are unpacked this way for a prompt); `None`
-    /// when this CPU lacks AVX512-BF16.
-    pub fn pack_bf16_with(
+    /// to `n_total × k_total`; `None` when this CPU lacks AVX512-BF16.
+    fn pack_bf16_with(
         (n, k): (usize, usize),
         (n_total, k_total): (usize, usize),
         placement: Placement,
@@ -208,6 +207,42 @@ impl PackedWeight {
         Some(Self {
             n: n_total,
             k: k_total,
+            k_padded,
+            panels: Panels::Bf16(out),
+        })
+    }
+
+    /// Packs the `n × k` matrix whose row `r` the source writes into a buffer of `k` values
+    /// (`row(r, buffer)`), in bf16 (quantized weights are unpacked this way for a prompt: a
+    /// whole row converts in one vectorised loop); `None` when this CPU lacks AVX512-BF16.
+    pub fn pack_bf16_rows(
+        n: usize,
+        k: usize,
+        placement: Placement,
+        row: impl Fn(usize, &mut [bf16]) + Sync,
+    ) -> Option<Self> {
+        if !Kernel::detect()?.has_bf16() {
+            return None;
+        }
+        let panels = n.div_ceil(NR);
+        let k_padded = k.next_multiple_of(2);
+        let mut out = WeightBuffer::<u16>::zeroed(panels * k_padded * NR, placement);
+        out.par_chunks_mut(k_padded * NR).enumerate().for_each_init(
+            || vec![bf16::ZERO; k_padded],
+            |values, (p, dst)| {
+                for c in 0..NR.min(n - p * NR) {
+                    row(p * NR + c, &mut values[..k]);
+                    // the row's pairs of `k` go to column c of each pair's 32 columns
+                    for (q, pair) in values.chunks_exact(2).enumerate() {
+                        dst[q * 2 * NR + c * 2] = pair[0].to_bits();
+                        dst[q * 2 * NR + c * 2 + 1] = pair[1].to_bits();
+                    }
+                }
+            },
+        );
+        Some(Self {
+            n,
+            k,
             k_padded,
             panels: Panels::Bf16(out),
         })

@@ -333,8 +333,8 @@ impl Linear {
                 } else if x.dtype() == DType::BF16
                     && x.device().is_cpu()
                     && let Some(packed) =
-                        PackedWeight::pack_bf16_with((n, k), (n, k), Placement::Scratch, |r, c| {
-                            q.value_bf16(r, c)
+                        PackedWeight::pack_bf16_rows(n, k, Placement::Scratch, |r, out| {
+                            q.row_bf16(r, out)
                         })
                 {
                     // a prompt in bf16: the weights unpacked into the bf16 kernel's panels for
@@ -358,12 +358,11 @@ impl Linear {
                     // a prompt in bf16 on the CPU: through the bf16 kernel, as for Q8_0 above
                     let (n, k) = q.shape().dims2()?;
                     let values: Vec<f32> = q.dequantize(x.device())?.flatten_all()?.to_vec1()?;
-                    match PackedWeight::pack_bf16_with(
-                        (n, k),
-                        (n, k),
-                        Placement::Scratch,
-                        |r, c| bf16::from_f32(values[r * k + c]),
-                    ) {
+                    match PackedWeight::pack_bf16_rows(n, k, Placement::Scratch, |r, out| {
+                        for (o, &v) in out.iter_mut().zip(&values[r * k..(r + 1) * k]) {
+                            *o = bf16::from_f32(v);
+                        }
+                    }) {
                         Some(packed) => packed_bf16(x, &packed, None, None)?,
                         None => matmul_2d(
                             x,
