@@ -168,19 +168,6 @@ impl PackedWeight {
         s: Strides,
         placement: Placement,
     ) -> Option<Self> {
-        Self::pack_bf16_with((n, k), (n_total, k_total), placement, |r, c| {
-            w[r * s.row + c * s.col]
-        })
-    }
-
-    /// Packs the `n × k` matrix whose element `(r, c)` is `value(r, c)` in bf16, zero-extended
-    /// to `n_total × k_total`; `None` when this CPU lacks AVX512-BF16.
-    fn pack_bf16_with(
-        (n, k): (usize, usize),
-        (n_total, k_total): (usize, usize),
-        placement: Placement,
-        value: impl Fn(usize, usize) -> bf16 + Sync,
-    ) -> Option<Self> {
         if !Kernel::detect()?.has_bf16() {
             return None;
         }
@@ -200,7 +187,7 @@ impl PackedWeight {
                 for kk in 0..k {
                     let out = &mut dst[(kk / 2) * 2 * NR + kk % 2..];
                     for c in 0..cols {
-                        out[c * 2] = value(p * NR + c, kk).to_bits();
+                        out[c * 2] = w[(p * NR + c) * s.row + kk * s.col].to_bits();
                     }
                 }
             });

@@ -359,9 +359,7 @@ impl Linear {
                     let (n, k) = q.shape().dims2()?;
                     let values: Vec<f32> = q.dequantize(x.device())?.flatten_all()?.to_vec1()?;
                     match PackedWeight::pack_bf16_rows(n, k, Placement::Scratch, |r, out| {
-                        for (o, &v) in out.iter_mut().zip(&values[r * k..(r + 1) * k]) {
-                            *o = bf16::from_f32(v);
-                        }
+                        vector_math::round_to_bf16(&values[r * k..(r + 1) * k], 1.0, out)
                     }) {
                         Some(packed) => packed_bf16(x, &packed, None, None)?,
                         None => matmul_2d(

@@ -243,24 +243,22 @@ impl Int8Rows {
     }
 
     /// Row `r` of the approximated matrix rounded to bf16 into `out` (`k` values; as the f32
-    /// matrix of [`Self::dequantize`] cast to bf16: round to nearest even, in a loop the
-    /// compiler vectorises).
+    /// matrix of [`Self::dequantize`] cast to bf16).
     pub fn row_bf16(&self, r: usize, out: &mut [half::bf16]) {
         let k = self.k;
         let blocks = k / Q8_BLOCK;
         let q = &self.q[r * k..(r + 1) * k];
         let scales = &self.scales[r * blocks..(r + 1) * blocks];
+        let mut values = [0f32; Q8_BLOCK];
         for ((out, q), &d) in out
             .chunks_exact_mut(Q8_BLOCK)
             .zip(q.chunks_exact(Q8_BLOCK))
             .zip(scales)
         {
-            for (o, &v) in out.iter_mut().zip(q) {
-                // finite (|v·d| ≤ the block's largest weight): no NaN or overflow case
-                let bits = (v as f32 * d).to_bits();
-                let rounded = bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) >> 16;
-                *o = half::bf16::from_bits(rounded as u16);
+            for (v, &q) in values.iter_mut().zip(q) {
+                *v = q as f32;
             }
+            super::vector_math::round_to_bf16(&values, d, out);
         }
     }
 
