@@ -265,11 +265,14 @@ impl PackedWeight {
         unsafe { self.run_f32(a, m, lda, None, &c, ldc, cols, k_used, 0, cols.div_ceil(NR)) }
     }
 
-    /// `C = A · Wᵀ + bias` for bf16 `A` and weights, accumulated in f32 (C is f32), split over
-    /// rayon's threads by panels. Each thread then calls `finish(row, first_column, values)` for
-    /// every row of the columns of C it computed, while they are still in its cache: rounding to
-    /// bf16 or an activation costs no second pass over the threads. Threads get whole groups of `group` panels
-    /// (`group · 32` columns), so an epilogue can pair columns inside a group.
+    /// `A · Wᵀ + bias` for bf16 `A` and weights, accumulated in f32, split over rayon's threads
+    /// by panels. Each thread calls `finish(row, first_column, values)` for every row of the
+    /// columns it computed, while they are still in its cache: rounding to bf16 or an activation
+    /// costs no second pass over the threads. On AMX that happens per block of 32 rows and a
+    /// group of panels as soon as their sums are final; `out` (`m` rows at stride `ldc`) is the
+    /// products' working space, and what it holds afterwards is unspecified. Threads get whole
+    /// groups of `group` panels (`group · 32` columns), so an epilogue can pair columns inside a
+    /// group.
     #[allow(clippy::too_many_arguments)]
     pub fn matmul_bf16_then(
         &self,
@@ -297,8 +300,26 @@ impl PackedWeight {
         for_each_thread(panels.div_ceil(group), |g0, g1| {
             let (p0, p1) = (g0 * group, (g1 * group).min(panels));
             let (k_used, packed_a) = (self.k_padded, packed_a.as_ref());
+            let streamed = (Some(&finish as Done<'_>), group);
             // SAFETY: C was checked to hold `m` rows; each thread writes only its panels' columns.
-            unsafe { self.run_bf16(a, m, lda, bias, &c, ldc, self.n, k_used, (p0, p1), packed_a) };
+            let finished = unsafe {
+                self.run_bf16(
+                    a,
+                    m,
+                    lda,
+                    bias,
+                    &c,
+                    ldc,
+                    self.n,
+                    k_used,
+                    (p0, p1),
+                    packed_a,
+                    streamed,
+                )
+            };
+            if finished {
+                return;
+            }
             let cols = p0 * NR..(p1 * NR).min(self.n);
             for row in 0..m {
                 // SAFETY: these columns of C are this thread's and fully written above.
@@ -329,7 +350,19 @@ impl PackedWeight {
         // SAFETY: C holds `m` rows of `cols` columns (checked); one thread.
         unsafe {
             let panels = (0, cols.div_ceil(NR));
-            self.run_bf16(a, m, lda, None, &c, ldc, cols, k_used, panels, None)
+            self.run_bf16(
+                a,
+                m,
+                lda,
+                None,
+                &c,
+                ldc,
+                cols,
+                k_used,
+                panels,
+                None,
+                (None, 1),
+            );
         }
     }
 
@@ -430,19 +463,31 @@ impl PackedWeight {
         k_used: usize,
         (p0, p1): (usize, usize),
         packed_a: Option<&PackedRows>,
-    ) {
+        finish: (Option<Done<'_>>, usize),
+    ) -> bool {
         let Panels::Bf16(panels) = &self.panels else {
             panic!("bf16 matmul on f32-packed weights");
         };
         let kp = self.k_padded;
         let a16 = a.as_ptr() as *const u16;
         if uses_amx(m) {
+            let amx = (amx::block as amx::BlockFn, true);
             // SAFETY: the caller's contract, and AMX is enabled.
-            unsafe {
-                let amx = (amx::block as amx::BlockFn, true);
-                self.run_bf16_amx(a16, m, lda, bias, c, ldc, n_cols, k_used, (p0, p1), amx)
+            return unsafe {
+                self.run_bf16_amx(
+                    a16,
+                    m,
+                    lda,
+                    bias,
+                    c,
+                    ldc,
+                    n_cols,
+                    k_used,
+                    (p0, p1),
+                    amx,
+                    finish,
+                )
             };
-            return;
         }
         let Some(packed_a) = packed_a.filter(|_| m > MR) else {
             // A read in place, each panel whole: one row tile (decoding), or a product on one
@@ -452,7 +497,7 @@ impl PackedWeight {
             unsafe {
                 self.run_bf16_in_place(a16, 0..m, lda, bias, (c, ldc), n_cols, pairs, p0..p1)
             };
-            return;
+            return false;
         };
         // A packed per row tile as [pair][row] by the caller, so a tile reads one stream
         for k0 in (0..k_used).step_by(KC_BF16) {
@@ -491,6 +536,7 @@ impl PackedWeight {
                 }
             }
         }
+        false
     }
 
     /// AVX-512 tiles over `rows` of A read in place (row stride `lda`), for the pairs of `k` in
@@ -545,7 +591,14 @@ impl PackedWeight {
 
     /// [`Self::run_bf16`] on AMX: 32 × 32 blocks over the whole panels and the rows and pairs of
     /// `k` that fill them, in groups of panels that stay in L2 while the rows pass; the rest (the
-    /// last pairs, the last rows, a narrow last panel) on the AVX-512 tiles, A read in place.
+    /// last pairs, a narrow last panel) on the AVX-512 tiles, A read in place.
+    ///
+    /// With `done`, when every panel is whole and every pair of `k` fills the blocks (the
+    /// model's shapes), each block row of a group is handed to `done(row, first_column,
+    /// values)` as soon as its sums are final, while they are in this core's cache, and returns
+    /// true; a product in one pass over `k` then keeps its sums in a small buffer and never
+    /// writes C. Otherwise (and without `done`) C receives every sum and it returns false.
+    /// Groups hold whole multiples of `finish_group` panels.
     ///
     /// `block` is [`amx::block`] (run with this thread's tiles configured), or in tests a model
     /// of it.
@@ -565,7 +618,8 @@ impl PackedWeight {
         k_used: usize,
         (p0, p1): (usize, usize),
         (block, tiles_configured): (amx::BlockFn, bool),
-    ) {
+        (done, finish_group): (Option<Done<'_>>, usize),
+    ) -> bool {
         let Panels::Bf16(packed) = &self.panels else {
             panic!("bf16 matmul on f32-packed weights");
         };
@@ -578,6 +632,26 @@ impl PackedWeight {
             (p0..p0, p0..p1)
         } else {
             (p0..whole, whole..p1)
+        };
+        let done =
+            done.filter(|_| main_pairs == pairs && rest.is_empty() && !blocked_panels.is_empty());
+        // passes of equal length over `k`, at most AMX_KC_PAIRS each
+        let passes = main_pairs.div_ceil(AMX_KC_PAIRS).max(1);
+        let step = main_pairs
+            .div_ceil(passes)
+            .next_multiple_of(amx::PAIRS_PER_STEP)
+            .max(amx::PAIRS_PER_STEP);
+        // panels per group: what fits AMX_GROUP_BYTES, in whole multiples of `finish_group`
+        let finish_group = finish_group.max(1);
+        let group = ((AMX_GROUP_BYTES / (step.min(main_pairs.max(1)) * 2 * NR * 2)) / finish_group)
+            .max(1)
+            * finish_group;
+        // one pass with `done`: a group's block row of sums lives in `local` only
+        let local_sums = done.is_some() && passes == 1;
+        let mut local = if local_sums {
+            vec![0f32; amx::BLOCK * group * NR]
+        } else {
+            Vec::new()
         };
         // The last rows (fewer than 32) are copied into a block of zero rows and run on the
         // tiles too, inside the same groups: on the AVX-512 tiles they would stream every
@@ -594,22 +668,17 @@ impl PackedWeight {
                 tail_a[i * width..(i + 1) * width].copy_from_slice(src);
             }
         }
-        // the tail's sums per panel, kept between the chunks of `k`
+        // the tail's sums, 32 rows of this thread's blocked columns, kept between the passes
+        let tail_ld = (blocked_panels.end - p0) * NR;
         let mut tail_c = if tail_a.is_empty() {
             Vec::new()
         } else {
-            vec![0f32; (blocked_panels.end - p0) * amx::BLOCK * NR]
+            vec![0f32; amx::BLOCK * tail_ld]
         };
         let mut blocks = || {
-            // passes of equal length, at most AMX_KC_PAIRS each
-            let passes = main_pairs.div_ceil(AMX_KC_PAIRS).max(1);
-            let step = main_pairs
-                .div_ceil(passes)
-                .next_multiple_of(amx::PAIRS_PER_STEP)
-                .max(amx::PAIRS_PER_STEP);
             for q0 in (0..main_pairs).step_by(step) {
                 let chunk = step.min(main_pairs - q0);
-                let group = (AMX_GROUP_BYTES / (chunk * 2 * NR * 2)).max(1);
+                let last_pass = q0 + chunk == main_pairs;
                 let start = |p: usize| match bias {
                     _ if q0 > 0 => amx::Start::Accumulate,
                     Some(b) => amx::Start::Bias(&b[p * NR..(p + 1) * NR]),
@@ -618,21 +687,37 @@ impl PackedWeight {
                 let panel = |p: usize| packed[p * self.k_padded * NR + q0 * 2 * NR..].as_ptr();
                 for g0 in blocked_panels.clone().step_by(group) {
                     let panels = g0..(g0 + group).min(blocked_panels.end);
+                    let cols = panels.len() * NR;
                     for row in (0..main_rows).step_by(amx::BLOCK) {
+                        // where this block row's sums go: `local` (one pass, `done`), else C
+                        let (c_row, c_ld) = if local_sums {
+                            (local.as_mut_ptr(), cols)
+                        } else {
+                            (c.0.wrapping_add(row * ldc + g0 * NR), ldc)
+                        };
                         for p in panels.clone() {
                             // SAFETY: 32 rows of A from `row`, readable to `2·main_pairs`; panel
-                            // `p` has all 32 columns and `main_pairs` pairs; C's block is inside
-                            // this thread's columns.
+                            // `p` has all 32 columns and `main_pairs` pairs; the block of sums is
+                            // inside `local` or this thread's columns of C.
                             unsafe {
                                 block(
                                     a.add(row * lda + 2 * q0),
                                     lda,
                                     panel(p),
                                     chunk,
-                                    c.0.add(row * ldc + p * NR),
-                                    ldc,
+                                    c_row.add((p - g0) * NR),
+                                    c_ld,
                                     start(p),
                                 )
+                            }
+                        }
+                        if let Some(done) = done.filter(|_| last_pass) {
+                            for i in 0..amx::BLOCK {
+                                // SAFETY: the block row just computed, `cols` sums per row.
+                                let values = unsafe {
+                                    std::slice::from_raw_parts(c_row.add(i * c_ld), cols)
+                                };
+                                done(row + i, g0 * NR, values);
                             }
                         }
                     }
@@ -640,27 +725,34 @@ impl PackedWeight {
                         continue;
                     }
                     let width = 2 * main_pairs;
-                    for p in panels {
-                        // SAFETY: the tail block holds 32 rows of `width`; `tail_c` 32 × 32 per
-                        // panel of this thread; the rows copied out are the product's last rows,
-                        // in this thread's columns of C.
+                    let tail_group = tail_c[(g0 - p0) * NR..].as_mut_ptr();
+                    for p in panels.clone() {
+                        // SAFETY: the tail block holds 32 rows of `width`; `tail_c` 32 rows of
+                        // this thread's blocked columns.
                         unsafe {
-                            let tail_c = tail_c[(p - p0) * amx::BLOCK * NR..].as_mut_ptr();
                             block(
                                 tail_a.as_ptr().add(2 * q0),
                                 width,
                                 panel(p),
                                 chunk,
-                                tail_c,
-                                NR,
+                                tail_group.add((p - g0) * NR),
+                                tail_ld,
                                 start(p),
-                            );
-                            if q0 + chunk < main_pairs {
-                                continue;
-                            }
-                            for (i, r) in tail_rows.clone().enumerate() {
-                                let row = std::slice::from_raw_parts(tail_c.add(i * NR), NR);
-                                c.slice(r * ldc + p * NR, NR).copy_from_slice(row);
+                            )
+                        }
+                    }
+                    if !last_pass {
+                        continue;
+                    }
+                    for (i, r) in tail_rows.clone().enumerate() {
+                        // SAFETY: row `i` of the tail's sums, this group's columns; row `r` of
+                        // C, this thread's columns.
+                        unsafe {
+                            let values =
+                                std::slice::from_raw_parts(tail_group.add(i * tail_ld), cols);
+                            match done {
+                                Some(done) => done(r, g0 * NR, values),
+                                None => c.slice(r * ldc + g0 * NR, cols).copy_from_slice(values),
                             }
                         }
                     }
@@ -673,6 +765,9 @@ impl PackedWeight {
         } else {
             blocks();
         }
+        if done.is_some() {
+            return true;
+        }
         let in_place = |rows, pairs, panels| {
             // SAFETY: the caller's contract, on a part of the same product.
             unsafe { self.run_bf16_in_place(a, rows, lda, bias, (c, ldc), n_cols, pairs, panels) }
@@ -684,6 +779,7 @@ impl PackedWeight {
             in_place(0..m, main_pairs..pairs, blocked_panels);
         }
         in_place(0..m, 0..pairs, rest);
+        false
     }
 
     /// Panics unless A holds `m` rows of `k` and C `m` rows of `cols` at the given strides.
@@ -772,6 +868,10 @@ fn for_each_thread(units: usize, work: impl Fn(usize, usize) + Sync) {
         }
     });
 }
+
+/// What a product hands each row of its sums to once they are final: `(row, first_column,
+/// values)`.
+type Done<'a> = &'a (dyn Fn(usize, usize, &[f32]) + Sync);
 
 /// The output pointer shared by the threads, which write disjoint column ranges.
 pub(crate) struct SharedOut<T = f32>(pub(crate) *mut T);
@@ -1268,15 +1368,12 @@ mod tests {
                         seen[i * n + j0 + j] = v;
                     }
                 });
-                assert_eq!(
-                    seen.into_inner().unwrap(),
-                    out,
-                    "epilogue values {m}x{n}x{k}"
-                );
+                // every value reached the epilogue (C itself is only working space)
+                let seen = seen.into_inner().unwrap();
                 for i in 0..m {
                     for j in 0..n {
                         let want = exact(i, j, true) + bias[j] as f64;
-                        let e = (out[i * n + j] as f64 - want).abs();
+                        let e = (seen[i * n + j] as f64 - want).abs();
                         assert!(e < 1e-4, "bf16 {m}x{n}x{k} at ({i},{j}): off by {e}");
                     }
                 }
@@ -1322,6 +1419,8 @@ mod tests {
             (40, 32 * 18, 2048),
             // `k` in two passes, rows and pairs left over
             (50, 96, 3100),
+            // one pass, two groups of panels, rows left over
+            (70, 32 * 20, 1024),
         ];
         for (m, n, k) in shapes {
             let bf = |v: Vec<f32>| -> Vec<bf16> { v.iter().map(|&x| bf16::from_f32(x)).collect() };
@@ -1335,28 +1434,52 @@ mod tests {
                 None => (a.as_slice(), k),
             };
             for bias in [None, Some(bias.as_slice())] {
-                let mut out = vec![f32::NAN; m * n];
-                let c = SharedOut(out.as_mut_ptr());
-                let panels = (0, n.div_ceil(NR));
-                let model = (amx::model_block as amx::BlockFn, false);
-                // SAFETY: A holds m rows of `lda` ≥ k_padded, C m rows of n; the model block
-                // needs no tiles.
-                unsafe {
-                    let a16 = a_rows.as_ptr() as *const u16;
-                    let kp = packed.k_padded;
-                    packed.run_bf16_amx(a16, m, lda, bias, &c, n, n, kp, panels, model)
-                };
-                for i in 0..m {
-                    for j in 0..n {
-                        let want: f64 = (0..k)
-                            .map(|kk| a[i * k + kk].to_f64() * w[j * k + kk].to_f64())
-                            .sum::<f64>()
-                            + bias.map_or(0.0, |b| b[j] as f64);
-                        let got = out[i * n + j] as f64;
-                        assert!(
-                            (got - want).abs() < 1e-3,
-                            "{m}x{n}x{k} ({i},{j}): {got} vs {want}"
-                        );
+                for streamed in [false, true] {
+                    let mut out = vec![f32::NAN; m * n];
+                    let c = SharedOut(out.as_mut_ptr());
+                    let panels = (0, n.div_ceil(NR));
+                    let model = (amx::model_block as amx::BlockFn, false);
+                    // with `done`: each value handed over once, at group starts of 3 panels
+                    let seen = std::sync::Mutex::new(vec![f32::NAN; m * n]);
+                    let done = |i: usize, j0: usize, values: &[f32]| {
+                        assert_eq!(j0 % (3 * NR), 0, "a group starts at column {j0}");
+                        let mut seen = seen.lock().unwrap();
+                        for (j, &v) in values.iter().enumerate() {
+                            assert!(seen[i * n + j0 + j].is_nan(), "({i},{}) twice", j0 + j);
+                            seen[i * n + j0 + j] = v;
+                        }
+                    };
+                    let finish = (streamed.then_some(&done as Done<'_>), 3);
+                    // SAFETY: A holds m rows of `lda` ≥ k_padded, C m rows of n; the model block
+                    // needs no tiles.
+                    let finished = unsafe {
+                        let a16 = a_rows.as_ptr() as *const u16;
+                        let kp = packed.k_padded;
+                        packed.run_bf16_amx(a16, m, lda, bias, &c, n, n, kp, panels, model, finish)
+                    };
+                    // streamed exactly when every pair of `k` and every panel fills the blocks
+                    assert_eq!(
+                        finished,
+                        streamed && k % 32 == 0 && n % 32 == 0,
+                        "{m}x{n}x{k}"
+                    );
+                    let out = if finished {
+                        seen.into_inner().unwrap()
+                    } else {
+                        out
+                    };
+                    for i in 0..m {
+                        for j in 0..n {
+                            let want: f64 = (0..k)
+                                .map(|kk| a[i * k + kk].to_f64() * w[j * k + kk].to_f64())
+                                .sum::<f64>()
+                                + bias.map_or(0.0, |b| b[j] as f64);
+                            let got = out[i * n + j] as f64;
+                            assert!(
+                                (got - want).abs() < 1e-3,
+                                "{m}x{n}x{k} ({i},{j}): {got} vs {want}"
+                            );
+                        }
                     }
                 }
             }

@@ -181,6 +181,7 @@ unsafe fn exp_shifted_avx512<const BF16: bool>(
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
+#[inline]
 pub(crate) fn exp_avx512(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
     use std::arch::x86_64::*;
     let x = _mm512_max_ps(x, _mm512_set1_ps(-103.0));
@@ -214,6 +215,7 @@ pub(crate) fn exp_avx512(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m
 /// underflow as the accurate one; there is no upper clamp (large inputs overflow to infinity).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
+#[inline]
 fn exp_coarse_avx512(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
     use std::arch::x86_64::*;
     let x = _mm512_max_ps(x, _mm512_set1_ps(-103.0));
@@ -231,6 +233,7 @@ fn exp_coarse_avx512(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 
 /// Rounds sixteen f32 lanes to bf16 (nearest even) and stores them at `dst`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
+#[inline]
 unsafe fn store_bf16(dst: *mut bf16, x: std::arch::x86_64::__m512) {
     use std::arch::x86_64::*;
     let x = _mm512_castps_si512(x);
@@ -244,6 +247,7 @@ unsafe fn store_bf16(dst: *mut bf16, x: std::arch::x86_64::__m512) {
 /// Sixteen bf16 values at `src` widened to f32.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
+#[inline]
 unsafe fn load_bf16(src: *const bf16) -> std::arch::x86_64::__m512 {
     use std::arch::x86_64::*;
     // SAFETY: the caller hands sixteen readable values at `src`.
@@ -254,6 +258,7 @@ unsafe fn load_bf16(src: *const bf16) -> std::arch::x86_64::__m512 {
 /// `x · sigmoid(1.702 · x)` on sixteen lanes.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
+#[inline]
 fn quick_gelu_avx512(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
     use std::arch::x86_64::*;
     let e = exp_avx512(_mm512_mul_ps(x, _mm512_set1_ps(-1.702)));
@@ -263,6 +268,7 @@ fn quick_gelu_avx512(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 
 /// `silu(g) · u = g · u / (1 + exp(-g))` on sixteen lanes.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
+#[inline]
 fn silu_gate_avx512(
     g: std::arch::x86_64::__m512,
     u: std::arch::x86_64::__m512,
@@ -289,16 +295,26 @@ pub fn quick_gelu_to_bf16(src: &[f32], dst: &mut [bf16]) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx512f") {
         whole = len / 16 * 16;
-        // SAFETY: AVX-512F was detected just above; every access is below `whole`.
-        unsafe {
-            for i in (0..whole).step_by(16) {
-                let x = std::arch::x86_64::_mm512_loadu_ps(src.as_ptr().add(i));
-                store_bf16(dst.as_mut_ptr().add(i), quick_gelu_avx512(x));
-            }
-        }
+        // SAFETY: AVX-512F was detected just above; `whole` ≤ both lengths.
+        unsafe { quick_gelu_to_bf16_avx512(&src[..whole], &mut dst[..whole]) };
     }
     for (d, &x) in dst[whole..len].iter_mut().zip(&src[whole..len]) {
         *d = bf16::from_f32(quick_gelu(x));
+    }
+}
+
+/// [`quick_gelu_to_bf16`] on whole groups of sixteen (the lengths are equal multiples of 16).
+/// The loops over lanes are target-feature functions of their own, so that the lane helpers
+/// inline into them (called from plain code, each helper was a call per sixteen values).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn quick_gelu_to_bf16_avx512(src: &[f32], dst: &mut [bf16]) {
+    for (s, d) in src.chunks_exact(16).zip(dst.chunks_exact_mut(16)) {
+        // SAFETY: sixteen values each.
+        unsafe {
+            let x = std::arch::x86_64::_mm512_loadu_ps(s.as_ptr());
+            store_bf16(d.as_mut_ptr(), quick_gelu_avx512(x));
+        }
     }
 }
 
@@ -309,15 +325,8 @@ pub fn silu_gate_to_bf16(gate: &[f32], up: &[f32], dst: &mut [bf16]) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx512f") {
         whole = len / 16 * 16;
-        // SAFETY: AVX-512F was detected just above; every access is below `whole`.
-        unsafe {
-            use std::arch::x86_64::_mm512_loadu_ps;
-            for i in (0..whole).step_by(16) {
-                let g = _mm512_loadu_ps(gate.as_ptr().add(i));
-                let u = _mm512_loadu_ps(up.as_ptr().add(i));
-                store_bf16(dst.as_mut_ptr().add(i), silu_gate_avx512(g, u));
-            }
-        }
+        // SAFETY: AVX-512F was detected just above; `whole` ≤ every length.
+        unsafe { silu_gate_to_bf16_avx512(&gate[..whole], &up[..whole], &mut dst[..whole]) };
     }
     for ((d, &g), &u) in dst[whole..len]
         .iter_mut()
@@ -325,6 +334,24 @@ pub fn silu_gate_to_bf16(gate: &[f32], up: &[f32], dst: &mut [bf16]) {
         .zip(&up[whole..len])
     {
         *d = bf16::from_f32(silu_gate(g, u));
+    }
+}
+
+/// [`silu_gate_to_bf16`] on whole groups of sixteen (see [`quick_gelu_to_bf16_avx512`]).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn silu_gate_to_bf16_avx512(gate: &[f32], up: &[f32], dst: &mut [bf16]) {
+    use std::arch::x86_64::_mm512_loadu_ps;
+    for ((g, u), d) in gate
+        .chunks_exact(16)
+        .zip(up.chunks_exact(16))
+        .zip(dst.chunks_exact_mut(16))
+    {
+        // SAFETY: sixteen values each.
+        unsafe {
+            let (g, u) = (_mm512_loadu_ps(g.as_ptr()), _mm512_loadu_ps(u.as_ptr()));
+            store_bf16(d.as_mut_ptr(), silu_gate_avx512(g, u));
+        }
     }
 }
 
@@ -336,17 +363,8 @@ pub fn add_rounded_to_bf16(src: &[f32], residual: &[bf16], dst: &mut [bf16]) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx512f") {
         whole = len / 16 * 16;
-        // SAFETY: AVX-512F was detected just above; every access is below `whole`. The first
-        // rounding goes through `dst` (written, then read back and overwritten).
-        unsafe {
-            use std::arch::x86_64::{_mm512_add_ps, _mm512_loadu_ps};
-            for i in (0..whole).step_by(16) {
-                let d = dst.as_mut_ptr().add(i);
-                store_bf16(d, _mm512_loadu_ps(src.as_ptr().add(i)));
-                let sum = _mm512_add_ps(load_bf16(d), load_bf16(residual.as_ptr().add(i)));
-                store_bf16(d, sum);
-            }
-        }
+        // SAFETY: AVX-512F was detected just above; `whole` ≤ every length.
+        unsafe { add_rounded_to_bf16_avx512(&src[..whole], &residual[..whole], &mut dst[..whole]) };
     }
     for ((d, &x), &r) in dst[whole..len]
         .iter_mut()
@@ -354,6 +372,26 @@ pub fn add_rounded_to_bf16(src: &[f32], residual: &[bf16], dst: &mut [bf16]) {
         .zip(&residual[whole..len])
     {
         *d = bf16::from_f32(bf16::from_f32(x).to_f32() + r.to_f32());
+    }
+}
+
+/// [`add_rounded_to_bf16`] on whole groups of sixteen (see [`quick_gelu_to_bf16_avx512`]).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn add_rounded_to_bf16_avx512(src: &[f32], residual: &[bf16], dst: &mut [bf16]) {
+    use std::arch::x86_64::{_mm512_add_ps, _mm512_loadu_ps};
+    for ((s, r), d) in src
+        .chunks_exact(16)
+        .zip(residual.chunks_exact(16))
+        .zip(dst.chunks_exact_mut(16))
+    {
+        // SAFETY: sixteen values each. The first rounding goes through `d` (written, then
+        // read back and overwritten).
+        unsafe {
+            let d = d.as_mut_ptr();
+            store_bf16(d, _mm512_loadu_ps(s.as_ptr()));
+            store_bf16(d, _mm512_add_ps(load_bf16(d), load_bf16(r.as_ptr())));
+        }
     }
 }
 
