@@ -22,6 +22,7 @@ pub mod error;
 mod fused_attention;
 mod gemm;
 pub mod image;
+mod layer_norm;
 pub mod linear;
 mod matvec;
 pub mod prefix;

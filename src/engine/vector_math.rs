@@ -234,7 +234,7 @@ fn exp_coarse_avx512(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 #[inline]
-unsafe fn store_bf16(dst: *mut bf16, x: std::arch::x86_64::__m512) {
+pub(crate) unsafe fn store_bf16(dst: *mut bf16, x: std::arch::x86_64::__m512) {
     use std::arch::x86_64::*;
     let x = _mm512_castps_si512(x);
     let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(x), _mm512_set1_epi32(1));
@@ -248,7 +248,7 @@ unsafe fn store_bf16(dst: *mut bf16, x: std::arch::x86_64::__m512) {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 #[inline]
-unsafe fn load_bf16(src: *const bf16) -> std::arch::x86_64::__m512 {
+pub(crate) unsafe fn load_bf16(src: *const bf16) -> std::arch::x86_64::__m512 {
     use std::arch::x86_64::*;
     // SAFETY: the caller hands sixteen readable values at `src`.
     let raw = unsafe { _mm256_loadu_si256(src.cast()) };

@@ -3,11 +3,12 @@
 //! and the 2×2 patch merger that maps vision features into the language model's width.
 
 use candle_core::{DType, Device, IndexOp, Module, Tensor};
-use candle_nn::{LayerNorm, LayerNormConfig, VarBuilder};
+use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
 use super::attention;
 use super::config::VisionConfig;
+use super::layer_norm::LayerNorm;
 use super::linear::{Activation, Linear, WeightLayer};
 use super::profile;
 use super::rope_index::GridThw;
@@ -17,11 +18,7 @@ const LAYER_NORM_EPS: f64 = 1e-6;
 const VISION_ROPE_THETA: f32 = 10_000.0;
 
 fn layer_norm(size: usize, vb: VarBuilder) -> candle_core::Result<LayerNorm> {
-    let cfg = LayerNormConfig {
-        eps: LAYER_NORM_EPS,
-        ..Default::default()
-    };
-    candle_nn::layer_norm(size, cfg, vb)
+    LayerNorm::load(size, LAYER_NORM_EPS, vb)
 }
 
 /// A linear layer with bias, packed for the CPU's bf16 kernel where that applies.
