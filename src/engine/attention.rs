@@ -330,6 +330,10 @@ mod tests {
             (70, 70, 2, 2, 80, None),
             (64, 96, 2, 1, 80, Some(32)),
             (33, 45, 1, 1, 40, Some(12)),
+            // keys in several chunks (online softmax); causal rows that see none of the
+            // second chunk next to rows that see part of it
+            (40, 1500, 2, 1, 80, None),
+            (100, 1100, 2, 2, 80, Some(1000)),
         ];
         for (s, t, heads, kv_heads, d, offset) in cases {
             let q = rand((s, heads, d));

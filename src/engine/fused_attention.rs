@@ -13,8 +13,15 @@ use super::matvec;
 use super::vector_math::{self, exp_shifted, max_of};
 use super::weight_buffer::Placement;
 
-/// The scores of one block of queries stay under this many f32 values (256 KiB: L2).
+/// The scores of one block of queries against one chunk of keys stay under this many f32 values
+/// (256 KiB: L2).
 const SCORE_BLOCK: usize = 64 * 1024;
+
+/// Keys per chunk. Longer sequences (a 1280×720 screenshot has 4,784 patches) run as several
+/// chunks with an online softmax, so that a chunk's keys, values, scores and probabilities stay
+/// in L2 together: over all keys at once they did not, and the products read the keys and
+/// values from memory.
+const KEY_CHUNK: usize = 1024;
 
 /// Shapes of one attention call: `q` is `(s, heads, d)`, `k` and `v` are `(t, kv_heads, d)`,
 /// all contiguous. With `causal_offset`, query `i` sees keys `0..=i + offset`.
@@ -166,37 +173,41 @@ pub fn attend<T: Element>(q: &[T], k: &[T], v: &[T], shape: AttentionShape) -> O
     // the blocks of queries (copied), so that no remainder falls to the AVX-512 tiles, which
     // are several times slower.
     let tile = if T::AMX { gemm::tile_multiple() } else { 1 };
-    let (d_ext, t_ext) = (d.next_multiple_of(tile), t.next_multiple_of(tile));
+    let d_ext = d.next_multiple_of(tile);
     // Keys as the "weight" of q·kᵀ (t rows of d) and values transposed for p·v (d rows of t),
-    // packed once per key/value head.
+    // packed once per key/value head and chunk of keys.
     let kv_stride = kv_heads * d;
-    let packed: Vec<(PackedWeight, PackedWeight)> = (0..kv_heads)
+    let chunks: Vec<std::ops::Range<usize>> = (0..t)
+        .step_by(KEY_CHUNK)
+        .map(|j0| j0..(j0 + KEY_CHUNK).min(t))
+        .collect();
+    let packed: Vec<Vec<(PackedWeight, PackedWeight)>> = (0..kv_heads)
         .into_par_iter()
         .map(|g| {
-            let keys = T::pack(
-                &k[g * d..],
-                (t, d),
-                (t_ext, d_ext),
-                Strides {
-                    row: kv_stride,
-                    col: 1,
-                },
-            )?;
-            let values = T::pack(
-                &v[g * d..],
-                (d, t),
-                (d_ext, t_ext),
-                Strides {
-                    row: 1,
-                    col: kv_stride,
-                },
-            )?;
-            Some((keys, values))
+            chunks
+                .iter()
+                .map(|keys| {
+                    let (len, len_ext) = (keys.len(), keys.len().next_multiple_of(tile));
+                    let first = keys.start * kv_stride + g * d;
+                    let row_major = Strides {
+                        row: kv_stride,
+                        col: 1,
+                    };
+                    let transposed = Strides {
+                        row: 1,
+                        col: kv_stride,
+                    };
+                    Some((
+                        T::pack(&k[first..], (len, d), (len_ext, d_ext), row_major)?,
+                        T::pack(&v[first..], (d, len), (d_ext, len_ext), transposed)?,
+                    ))
+                })
+                .collect::<Option<Vec<_>>>()
         })
         .collect::<Option<Vec<_>>>()?;
 
     let row_tile = gemm::row_multiple();
-    let rows = (SCORE_BLOCK / t.max(1))
+    let rows = (SCORE_BLOCK / t.min(KEY_CHUNK).max(1))
         .max(1)
         .next_multiple_of(row_tile)
         .min(s.next_multiple_of(row_tile));
@@ -208,23 +219,25 @@ pub fn attend<T: Element>(q: &[T], k: &[T], v: &[T], shape: AttentionShape) -> O
         .into_par_iter()
         .for_each_init(Scratch::<T>::default, |scratch, task| {
             let (h, block) = (task / blocks, task % blocks);
-            let (keys, values) = &packed[h / rep];
             let q0 = block * rows;
             let m = rows.min(s - q0);
             // rows the products run: the block's queries, then zero queries up to the tile
             let m_run = m.next_multiple_of(tile);
-            // keys any row of this block may see
-            let visible = match shape.causal_offset {
-                Some(offset) => (offset + q0 + m).min(t),
+            // keys row i may see, and keys any row of this block may see
+            let limit = |i: usize| match shape.causal_offset {
+                Some(offset) => (offset + q0 + i + 1).min(t),
                 None => t,
             };
-            let width = visible.next_multiple_of(tile.max(2));
+            let visible = limit(m - 1);
             let Scratch {
                 queries,
                 scores,
                 probs,
+                chunk_out,
                 head_out,
-                inv_sums,
+                maxima,
+                sums,
+                rescale,
             } = scratch;
             // buffers reused across tasks, grown but never cleared: the products overwrite
             // every value read, and the probabilities' unused tails are zeroed row by row
@@ -244,33 +257,79 @@ pub fn attend<T: Element>(q: &[T], k: &[T], v: &[T], shape: AttentionShape) -> O
             } else {
                 (q_rows, heads * d)
             };
-            grow(scores, m_run * width, 0.0);
-            let scores = &mut scores[..m_run * width];
-            T::matmul(keys, a, m_run, lda, scores, width, width, d_ext);
-            grow(probs, m_run * width, T::ZERO);
-            let probs = &mut probs[..m_run * width];
-            grow(inv_sums, m, 0.0);
-            for i in 0..m {
-                let limit = match shape.causal_offset {
-                    Some(offset) => (offset + q0 + i + 1).min(t),
-                    None => t,
-                };
-                let row = &mut scores[i * width..i * width + limit];
-                let probs_row = &mut probs[i * width..(i + 1) * width];
-                let (max, scale) = (max_of(row), shape.scale);
-                inv_sums[i] = 1.0 / T::exp_shifted_into(row, max, scale, &mut probs_row[..limit]);
-                probs_row[limit..].fill(T::ZERO);
-            }
-            probs[m * width..].fill(T::ZERO);
             grow(head_out, m_run * d_ext, 0.0);
             let head_out = &mut head_out[..m_run * d_ext];
-            let k_used = if tile > 1 { width } else { visible };
-            T::matmul(values, probs, m_run, width, head_out, d_ext, d_ext, k_used);
+            grow(chunk_out, m_run * d_ext, 0.0);
+            let chunk_out = &mut chunk_out[..m_run * d_ext];
+            maxima.clear();
+            maxima.resize(m, f32::NEG_INFINITY);
+            sums.clear();
+            sums.resize(m, 0.0);
+            rescale.clear();
+            rescale.resize(m, 0.0);
+            for (keys, (packed_keys, packed_values)) in chunks.iter().zip(&packed[h / rep]) {
+                if keys.start >= visible {
+                    break;
+                }
+                let seen = visible.min(keys.end) - keys.start;
+                let width = seen.next_multiple_of(tile.max(2));
+                grow(scores, m_run * width, 0.0);
+                let scores = &mut scores[..m_run * width];
+                T::matmul(packed_keys, a, m_run, lda, scores, width, width, d_ext);
+                grow(probs, m_run * width, T::ZERO);
+                let probs = &mut probs[..m_run * width];
+                for i in 0..m {
+                    let probs_row = &mut probs[i * width..(i + 1) * width];
+                    let seen_i = limit(i).saturating_sub(keys.start).min(seen);
+                    if seen_i == 0 {
+                        // a causal row that sees none of these keys: nothing to add
+                        probs_row.fill(T::ZERO);
+                        rescale[i] = 1.0;
+                        continue;
+                    }
+                    // online softmax over the chunks (as flash attention): the exponentials
+                    // are taken against the largest score so far, and what was summed against
+                    // an earlier, smaller maximum is scaled down to this one
+                    let row = &mut scores[i * width..i * width + seen_i];
+                    let max = max_of(row).max(maxima[i]);
+                    rescale[i] = ((maxima[i] - max) * shape.scale).exp();
+                    maxima[i] = max;
+                    let sum = T::exp_shifted_into(row, max, shape.scale, &mut probs_row[..seen_i]);
+                    sums[i] = sums[i] * rescale[i] + sum;
+                    probs_row[seen_i..].fill(T::ZERO);
+                }
+                probs[m * width..].fill(T::ZERO);
+                let k_used = if tile > 1 { width } else { seen };
+                let first = keys.start == 0;
+                let target = if first {
+                    &mut *head_out
+                } else {
+                    &mut *chunk_out
+                };
+                T::matmul(
+                    packed_values,
+                    probs,
+                    m_run,
+                    width,
+                    target,
+                    d_ext,
+                    d_ext,
+                    k_used,
+                );
+                if !first {
+                    for i in 0..m {
+                        let row = i * d_ext..i * d_ext + d;
+                        for (o, &x) in head_out[row.clone()].iter_mut().zip(&chunk_out[row]) {
+                            *o = *o * rescale[i] + x;
+                        }
+                    }
+                }
+            }
             for i in 0..m {
                 let dst = (q0 + i) * heads * d + h * d;
                 // SAFETY: (row q0+i, head h) is written by this task only, inside `out`.
                 let dst = unsafe { std::slice::from_raw_parts_mut(out_ptr.at(dst), d) };
-                T::round_scaled(&head_out[i * d_ext..i * d_ext + d], inv_sums[i], dst);
+                T::round_scaled(&head_out[i * d_ext..i * d_ext + d], 1.0 / sums[i], dst);
             }
         });
     Some(out)
@@ -280,10 +339,17 @@ pub fn attend<T: Element>(q: &[T], k: &[T], v: &[T], shape: AttentionShape) -> O
 struct Scratch<T> {
     /// A block of queries copied with zero rows and columns up to whole tiles (AMX only).
     queries: Vec<T>,
+    /// One chunk's scores and probabilities.
     scores: Vec<f32>,
     probs: Vec<T>,
+    /// One chunk's product with the values, and the sum over the chunks so far.
+    chunk_out: Vec<f32>,
     head_out: Vec<f32>,
-    inv_sums: Vec<f32>,
+    /// Per row: the largest score so far, the sum of exponentials against it, and the factor
+    /// that moves earlier chunks' sums to the latest maximum.
+    maxima: Vec<f32>,
+    sums: Vec<f32>,
+    rescale: Vec<f32>,
 }
 
 impl<T> Default for Scratch<T> {
@@ -292,8 +358,11 @@ impl<T> Default for Scratch<T> {
             queries: Vec::new(),
             scores: Vec::new(),
             probs: Vec::new(),
+            chunk_out: Vec::new(),
             head_out: Vec::new(),
-            inv_sums: Vec::new(),
+            maxima: Vec::new(),
+            sums: Vec::new(),
+            rescale: Vec::new(),
         }
     }
 }
