@@ -17,11 +17,11 @@ use super::weight_buffer::Placement;
 /// (256 KiB: L2).
 const SCORE_BLOCK: usize = 64 * 1024;
 
-/// Keys per chunk. Longer sequences (a 1280×720 screenshot has 4,784 patches) run as several
+/// Keys per chunk at most. Longer sequences (a 1280×720 screenshot has 4,784 patches) run as several
 /// chunks with an online softmax, so that a chunk's keys, values, scores and probabilities stay
 /// in L2 together: over all keys at once they did not, and the products read the keys and
 /// values from memory.
-const KEY_CHUNK: usize = 1024;
+const KEY_CHUNK: usize = 1280;
 
 /// Shapes of one attention call: `q` is `(s, heads, d)`, `k` and `v` are `(t, kv_heads, d)`,
 /// all contiguous. With `causal_offset`, query `i` sees keys `0..=i + offset`.
@@ -177,10 +177,14 @@ pub fn attend<T: Element>(q: &[T], k: &[T], v: &[T], shape: AttentionShape) -> O
     // Keys as the "weight" of q·kᵀ (t rows of d) and values transposed for p·v (d rows of t),
     // packed once per key/value head and chunk of keys.
     let kv_stride = kv_heads * d;
-    let chunks: Vec<std::ops::Range<usize>> = (0..t)
-        .step_by(KEY_CHUNK)
-        .map(|j0| j0..(j0 + KEY_CHUNK).min(t))
-        .collect();
+    // chunks of equal length (whole tiles), at most KEY_CHUNK: a short last chunk would cost a
+    // product of its own for few keys
+    let chunk = t
+        .div_ceil(t.div_ceil(KEY_CHUNK).max(1))
+        .next_multiple_of(tile.max(2))
+        .max(tile.max(2));
+    let chunks: Vec<std::ops::Range<usize>> =
+        (0..t).step_by(chunk).map(|j0| j0..(j0 + chunk).min(t)).collect();
     let packed: Vec<Vec<(PackedWeight, PackedWeight)>> = (0..kv_heads)
         .into_par_iter()
         .map(|g| {
@@ -207,7 +211,7 @@ pub fn attend<T: Element>(q: &[T], k: &[T], v: &[T], shape: AttentionShape) -> O
         .collect::<Option<Vec<_>>>()?;
 
     let row_tile = gemm::row_multiple();
-    let rows = (SCORE_BLOCK / t.min(KEY_CHUNK).max(1))
+    let rows = (SCORE_BLOCK / chunk)
         .max(1)
         .next_multiple_of(row_tile)
         .min(s.next_multiple_of(row_tile));
@@ -317,10 +321,10 @@ pub fn attend<T: Element>(q: &[T], k: &[T], v: &[T], shape: AttentionShape) -> O
                     k_used,
                 );
                 if !first {
-                    for i in 0..m {
+                    for (i, &factor) in rescale.iter().enumerate() {
                         let row = i * d_ext..i * d_ext + d;
                         for (o, &x) in head_out[row.clone()].iter_mut().zip(&chunk_out[row]) {
-                            *o = *o * rescale[i] + x;
+                            *o = *o * factor + x;
                         }
                     }
                 }
