@@ -183,8 +183,10 @@ pub fn attend<T: Element>(q: &[T], k: &[T], v: &[T], shape: AttentionShape) -> O
         .div_ceil(t.div_ceil(KEY_CHUNK).max(1))
         .next_multiple_of(tile.max(2))
         .max(tile.max(2));
-    let chunks: Vec<std::ops::Range<usize>> =
-        (0..t).step_by(chunk).map(|j0| j0..(j0 + chunk).min(t)).collect();
+    let chunks: Vec<std::ops::Range<usize>> = (0..t)
+        .step_by(chunk)
+        .map(|j0| j0..(j0 + chunk).min(t))
+        .collect();
     let packed: Vec<Vec<(PackedWeight, PackedWeight)>> = (0..kv_heads)
         .into_par_iter()
         .map(|g| {

@@ -238,6 +238,46 @@ impl Linear {
     }
 }
 
+/// A Q4_K weight on the CPU unpacked into the bf16 kernel's panels, each row dequantized from
+/// its own blocks on the thread that packs it (`None` for other formats and devices, or where
+/// the CPU lacks the kernel). Dequantizing the whole tensor first ran on one thread and made a
+/// 331-token prompt in q4k 10× slower than in bf16.
+fn ggml_rows_bf16(q: &QTensor) -> candle_core::Result<Option<PackedWeight>> {
+    use candle_core::quantized::{GgmlType, k_quants::BlockQ4K};
+    if q.dtype() != GgmlDType::Q4K || !matches!(q.device(), Device::Cpu) {
+        return Ok(None);
+    }
+    let (n, k) = q.shape().dims2()?;
+    let bytes = q.data()?;
+    let per_row = k / BlockQ4K::BLCK_SIZE;
+    let size = std::mem::size_of::<BlockQ4K>();
+    if !k.is_multiple_of(BlockQ4K::BLCK_SIZE)
+        || bytes.len() != n * per_row * size
+        || !(bytes.as_ptr() as usize).is_multiple_of(std::mem::align_of::<BlockQ4K>())
+    {
+        return Ok(None);
+    }
+    // SAFETY: a CPU QTensor of dtype Q4K stores its blocks as `[BlockQ4K]` (plain `repr(C)`
+    // data), whose bytes these are: length and alignment checked just above.
+    let blocks: &[BlockQ4K] =
+        unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast(), n * per_row) };
+    thread_local! {
+        static ROW: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    Ok(PackedWeight::pack_bf16_rows(
+        n,
+        k,
+        Placement::Scratch,
+        |r, out| {
+            ROW.with_borrow_mut(|row| {
+                row.resize(k, 0.0);
+                BlockQ4K::to_float(&blocks[r * per_row..(r + 1) * per_row], row);
+                vector_math::round_to_bf16(row, 1.0, out);
+            })
+        },
+    ))
+}
+
 /// `w` quantized to `format` on its device, for candle's quantized matmul.
 fn ggml_weight(w: &Tensor, format: Quantization) -> candle_core::Result<Weight> {
     let q = Arc::new(QTensor::quantize(&w.to_dtype(DType::F32)?, format.ggml())?);
@@ -354,8 +394,15 @@ impl Linear {
                     matmul
                         .forward(&x.to_dtype(DType::F32)?)?
                         .to_dtype(x.dtype())?
+                } else if x.dtype() == DType::BF16
+                    && x.device().is_cpu()
+                    && let Some(packed) = ggml_rows_bf16(q)?
+                {
+                    // a prompt in bf16 on the CPU: the weights unpacked a row at a time on
+                    // every thread into the bf16 kernel's panels, as for Q8_0 above
+                    packed_bf16(x, &packed, None, None)?
                 } else if x.dtype() == DType::BF16 && x.device().is_cpu() {
-                    // a prompt in bf16 on the CPU: through the bf16 kernel, as for Q8_0 above
+                    // the same through one dequantized copy, for other block formats
                     let (n, k) = q.shape().dims2()?;
                     let values: Vec<f32> = q.dequantize(x.device())?.flatten_all()?.to_vec1()?;
                     match PackedWeight::pack_bf16_rows(n, k, Placement::Scratch, |r, out| {
