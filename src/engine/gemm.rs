@@ -650,9 +650,7 @@ impl PackedWeight {
             .max(amx::PAIRS_PER_STEP);
         // panels per group: what fits AMX_GROUP_BYTES, in whole multiples of `finish_group`
         let finish_group = finish_group.max(1);
-        let group = ((AMX_GROUP_BYTES / (step.min(main_pairs.max(1)) * 2 * NR * 2)) / finish_group)
-            .max(1)
-            * finish_group;
+        let group = ((AMX_GROUP_BYTES / (step * 2 * NR * 2)) / finish_group).max(1) * finish_group;
         // one pass with `done`: a group's block row of sums lives in `local` only
         let local_sums = done.is_some() && passes == 1;
         let mut local = if local_sums {
