@@ -109,8 +109,13 @@ impl<E: Keyboard + Mouse> Drop for Held<'_, E> {
 /// typed (see [`Input`]'s `Drop`).
 const MAPPED_KEYS_LINGER: Duration = Duration::from_millis(300);
 
-/// The pause after each character typed through a remapped keycode (see `flush_text`).
-const UNMAPPED_KEY_PAUSE: Duration = Duration::from_millis(25);
+/// How long no key event is sent before keycodes are remapped for text (see `flush_text`).
+const QUIET_BEFORE_REMAPPING: Duration = Duration::from_millis(100);
+
+/// At most this many characters get keycodes mapped for one stretch of text (see `flush_text`).
+/// Below the spare keycodes of common keymaps (Xvfb's has 19), so mapping one stretch does not
+/// make enigo unmap the keycodes of the same stretch.
+const MAPPED_PER_STRETCH: usize = 8;
 
 /// The input connection (enigo; any `Keyboard + Mouse` in the unit tests).
 pub(super) struct Input<E = Enigo> {
@@ -118,6 +123,15 @@ pub(super) struct Input<E = Enigo> {
     /// When text with characters beyond ASCII was last typed: X11 types those through keycodes
     /// that enigo maps for the purpose and unmaps when the connection closes.
     typed_unmapped: Option<Instant>,
+    /// When the last key event was sent.
+    last_key: Option<Instant>,
+}
+
+/// Whether typing `c` may need a keycode mapped for it. enigo on X11 maps one for every keysym
+/// that is not on the first level of some key: all but lowercase ASCII letters, digits and space
+/// on common layouts (a wrong guess only changes how text is split, never what is typed).
+fn may_need_a_mapping(c: char) -> bool {
+    !(c.is_ascii_lowercase() || c.is_ascii_digit() || c == ' ')
 }
 
 impl Input<Enigo> {
@@ -127,6 +141,7 @@ impl Input<Enigo> {
         Ok(Self {
             enigo,
             typed_unmapped: None,
+            last_key: None,
         })
     }
 }
@@ -246,29 +261,62 @@ impl<E: Keyboard + Mouse> Input<E> {
         self.flush_text(&mut run)
     }
 
-    /// Types `run`: ASCII in one call, each character beyond it in a call of its own followed by
-    /// [`UNMAPPED_KEY_PAUSE`]. X11 types such a character through a keycode remapped for it, and
-    /// an app that reads its events late must get to each one before the next remap (a loaded CI
-    /// run typed 'hllo 世界' for 'héllo 世界').
+    /// Types `run` in stretches of at most [`MAPPED_PER_STRETCH`] characters that may need a
+    /// keycode mapped (see [`may_need_a_mapping`]). Before typing a stretch, its keycodes are
+    /// mapped all at once, after [`QUIET_BEFORE_REMAPPING`] without key events.
+    ///
+    /// Why: an X11 app reads the keyboard mapping lazily. Xlib loads it when the app handles
+    /// its first key event, and only then asks to hear of changes, so a remap that lands
+    /// between the two is never seen and its character is lost (CI runs typed 'hllo 世界' for
+    /// 'héllo 世界': the keycode for 'é' was mapped just as the app handled 'h'). An app also
+    /// looks a keycode up when it handles the event, not when it was sent, so a keycode must not
+    /// be remapped while a slow app still has events for it queued. Mapping a stretch's keycodes
+    /// before its first key, after a quiet moment, keeps both races away from typing.
     fn flush_text(&mut self, run: &mut String) -> Result<(), InputError> {
-        let mut ascii = String::new();
-        for c in run.chars() {
-            if c.is_ascii() {
-                ascii.push(c);
-                continue;
+        let chars: Vec<char> = run.chars().collect();
+        let mut start = 0;
+        while start < chars.len() {
+            let mut mapped: Vec<char> = Vec::new();
+            let mut end = start;
+            while let Some(&c) = chars.get(end) {
+                if may_need_a_mapping(c) && !mapped.contains(&c) {
+                    if mapped.len() == MAPPED_PER_STRETCH {
+                        break;
+                    }
+                    mapped.push(c);
+                }
+                end += 1;
             }
-            self.send_text(&mut ascii)?;
-            self.send_text(&mut c.to_string())?;
-            self.typed_unmapped = Some(Instant::now());
-            std::thread::sleep(UNMAPPED_KEY_PAUSE);
+            if !mapped.is_empty() {
+                self.map_keycodes(&mapped)?;
+            }
+            self.send_text(&mut chars[start..end].iter().collect())?;
+            start = end;
         }
-        self.send_text(&mut ascii)?;
         run.clear();
+        Ok(())
+    }
+
+    /// Has enigo map a keycode for each character that needs one, without typing it: enigo maps
+    /// the keysym before sending an event, and only a release is sent, which the X server drops
+    /// because the key is not down. The mapping then stays until enigo needs the keycode for
+    /// another character or the connection closes.
+    fn map_keycodes(&mut self, chars: &[char]) -> Result<(), InputError> {
+        if let Some(last) = self.last_key {
+            std::thread::sleep(QUIET_BEFORE_REMAPPING.saturating_sub(last.elapsed()));
+        }
+        for &c in chars {
+            self.enigo
+                .key(Key::Unicode(c), Direction::Release)
+                .map_err(sim(format!("mapping a keycode for {c:?}")))?;
+        }
+        self.typed_unmapped = Some(Instant::now());
         Ok(())
     }
 
     fn send_text(&mut self, text: &mut String) -> Result<(), InputError> {
         if !text.is_empty() {
+            self.last_key = Some(Instant::now());
             self.enigo
                 .text(text)
                 .map_err(sim(format!("typing {text:?}")))?;
@@ -278,6 +326,7 @@ impl<E: Keyboard + Mouse> Input<E> {
     }
 
     fn tap(&mut self, key: Key) -> Result<(), InputError> {
+        self.last_key = Some(Instant::now());
         let mut held = Held::new(&mut self.enigo);
         held.press_key(key)?;
         held.release_all()
@@ -285,6 +334,7 @@ impl<E: Keyboard + Mouse> Input<E> {
 
     /// Presses the keys in order (modifiers first, as given) and releases them in reverse.
     pub(super) fn combo(&mut self, keys: &[ResolvedKey]) -> Result<(), InputError> {
+        self.last_key = Some(Instant::now());
         let mut held = Held::new(&mut self.enigo);
         for k in keys {
             held.press_key(k.key)?;
@@ -354,7 +404,22 @@ mod tests {
                 fail_at,
             },
             typed_unmapped: None,
+            last_key: None,
         }
+    }
+
+    /// The log without the pointer and with each key call shortened: `map x` for a release
+    /// alone (a keycode mapped, nothing typed), `type x` for a click.
+    fn key_log(i: &Input<Fake>) -> Vec<String> {
+        i.enigo
+            .log
+            .iter()
+            .map(|l| {
+                let l = l.replace("Release Unicode('", "map ");
+                let l = l.replace("Click Unicode('", "type ");
+                l.trim_end_matches("')").to_string()
+            })
+            .collect()
     }
 
     #[test]
@@ -362,26 +427,57 @@ mod tests {
         let mut i = input(None);
         i.type_text("hello\n").unwrap();
         assert!(i.typed_unmapped.is_none());
+        assert!(!key_log(&i).iter().any(|l| l.starts_with("map")));
         let start = Instant::now();
         drop(i);
         assert!(start.elapsed() < Duration::from_millis(100));
+
         let mut i = input(None);
-        let start = Instant::now();
         i.type_text("héllo 世界").unwrap();
-        // each of the three characters beyond ASCII is typed on its own, with a pause after it
-        assert!(start.elapsed() >= 3 * UNMAPPED_KEY_PAUSE);
-        let typed: String = i
-            .enigo
-            .log
-            .iter()
-            .filter_map(|l| l.strip_prefix("Click Unicode('"))
-            .map(|l| l.trim_end_matches("')"))
-            .collect();
+        // Every keycode the text needs is mapped before its first key.
+        let log = key_log(&i);
+        assert_eq!(log[..3], ["map é", "map 世", "map 界"]);
+        let typed: String = log.iter().filter_map(|l| l.strip_prefix("type ")).collect();
         assert_eq!(typed, "héllo 世界");
+        assert_eq!(log.len(), 3 + 8);
         assert!(i.typed_unmapped.is_some());
         let start = Instant::now();
         drop(i);
         assert!(start.elapsed() >= MAPPED_KEYS_LINGER - Duration::from_millis(50));
+    }
+
+    #[test]
+    fn keycodes_are_mapped_per_stretch_after_a_quiet_moment() {
+        let mut i = input(None);
+        i.tap(Key::Return).unwrap();
+        let start = Instant::now();
+        // Ten characters that need keycodes: two stretches, each mapped before it is typed.
+        i.type_text("aABCDEFGHIJb").unwrap();
+        assert!(start.elapsed() >= 2 * QUIET_BEFORE_REMAPPING - Duration::from_millis(5));
+        let log = key_log(&i);
+        assert_eq!(log[..2], ["Press Return", "Release Return"]);
+        let rest: Vec<&str> = log[2..].iter().map(String::as_str).collect();
+        let mut want: Vec<String> = "ABCDEFGH".chars().map(|c| format!("map {c}")).collect();
+        want.push("type a".into());
+        want.extend("ABCDEFGH".chars().map(|c| format!("type {c}")));
+        want.extend("IJ".chars().map(|c| format!("map {c}")));
+        want.extend("IJb".chars().map(|c| format!("type {c}")));
+        assert_eq!(rest, want);
+    }
+
+    #[test]
+    fn the_first_text_is_mapped_at_once_and_text_right_after_keys_waits() {
+        let mut i = input(None);
+        let start = Instant::now();
+        i.type_text("Hé").unwrap();
+        assert!(start.elapsed() < QUIET_BEFORE_REMAPPING);
+        let start = Instant::now();
+        i.type_text("É").unwrap();
+        assert!(start.elapsed() >= QUIET_BEFORE_REMAPPING - Duration::from_millis(5));
+        assert_eq!(
+            key_log(&i),
+            ["map H", "map é", "type H", "type é", "map É", "type É"]
+        );
     }
 
     #[test]
