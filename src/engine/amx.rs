@@ -43,6 +43,8 @@ pub enum Start<'a> {
     Bias(&'a [f32]),
     /// From what C holds.
     Accumulate,
+    /// From a 32 × 32 block of sums elsewhere: its first value and its row stride (in values).
+    From(*const f32, usize),
 }
 
 /// Runs `work` with this thread's tiles configured (four C, two A, two B tiles of 16 rows of
@@ -98,6 +100,7 @@ pub unsafe fn model_block(
                     Start::Zero => 0.0,
                     Start::Bias(b) => b[j],
                     Start::Accumulate => *out,
+                    Start::From(from, ld) => *from.add(i * ld + j),
                 };
                 for q in 0..pairs {
                     let x = a.add(i * lda + 2 * q);
@@ -356,6 +359,16 @@ mod arch {
                     c = in(reg) c,
                     c2 = in(reg) c_low,
                     s = in(reg) ldc_bytes,
+                    options(nostack, readonly)
+                ),
+                Start::From(from, ld) => asm!(
+                    "tileloadd tmm0, [{c} + {s}*1]",
+                    "tileloadd tmm1, [{c} + {s}*1 + 64]",
+                    "tileloadd tmm2, [{c2} + {s}*1]",
+                    "tileloadd tmm3, [{c2} + {s}*1 + 64]",
+                    c = in(reg) from,
+                    c2 = in(reg) from.wrapping_add(16 * ld),
+                    s = in(reg) ld * 4,
                     options(nostack, readonly)
                 ),
             }
