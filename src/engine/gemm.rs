@@ -780,9 +780,7 @@ impl PackedWeight {
                                             .wrapping_add(bi * amx::BLOCK * MACRO + pi * NR);
                                         let from = match start(p) {
                                             _ if !first => amx::Start::From(kept, MACRO),
-                                            amx::Start::Accumulate => {
-                                                amx::Start::From(sums, c_ld)
-                                            }
+                                            amx::Start::Accumulate => amx::Start::From(sums, c_ld),
                                             other => other,
                                         };
                                         let (dest, dest_ld) =

@@ -494,6 +494,35 @@ mod tests {
             .fold(0f32, |m, (x, y)| m.max((x - y).abs() / scale))
     }
 
+    /// The bf16 matrix-vector rate on the 2B model's output layer, in GB/s of weights read, on
+    /// small pages and on huge ones (`cargo test --release --lib matvec_rate -- --ignored
+    /// --nocapture`).
+    #[test]
+    #[ignore = "a measurement, not a check"]
+    fn matvec_rate() {
+        let (n, k) = (151_936, 1536);
+        let w: Vec<bf16> = (0..n * k)
+            .map(|i| bf16::from_f32(((i * 2_654_435_761) % 4099) as f32 / 4099.0 - 0.5))
+            .collect();
+        let small = Tensor::from_vec(w, (n, k), &Device::Cpu).unwrap();
+        let huge = super::super::weight_buffer::tensor_on_huge_pages(&small).unwrap();
+        let x = Tensor::ones((1, 1, k), DType::BF16, &Device::Cpu).unwrap();
+        for (pages, w) in [("small", &small), ("huge", &huge)] {
+            let mut best = f64::MAX;
+            for _ in 0..5 {
+                let t = std::time::Instant::now();
+                matvec(&x, w).unwrap().expect("applies");
+                best = best.min(t.elapsed().as_secs_f64());
+            }
+            let gb = (n * k * 2) as f64 / 1e9;
+            eprintln!(
+                "{n}x{k} bf16, {pages} pages: {:.1} ms, {:.1} GB/s",
+                best * 1e3,
+                gb / best
+            );
+        }
+    }
+
     #[test]
     fn matches_matmul_in_f32_and_bf16_for_odd_sizes() {
         for (n, k) in [(1, 1), (7, 33), (300, 1536), (129, 17)] {

@@ -457,6 +457,16 @@ impl TextModel {
     ) -> candle_core::Result<Self> {
         let embed =
             candle_nn::embedding(cfg.vocab_size, cfg.hidden_size, model_vb.pp("embed_tokens"))?;
+        // a tied output layer reads the whole matrix every token (copied now, before the
+        // layers load, so the copy adds little to the peak)
+        let embed = if cfg.tie_word_embeddings && quantize.is_none() {
+            let table = super::weight_buffer::tensor_on_huge_pages(embed.embeddings())?;
+            // the original goes now, not at the end of the load (it would add to the peak)
+            drop(embed);
+            candle_nn::Embedding::new(table, cfg.hidden_size)
+        } else {
+            embed
+        };
         // Quantized layer by layer, so the whole decoder is never held in full precision.
         let mut dense = 0;
         // Without quantization, bf16 weights are packed for the CPU kernel where it runs.
