@@ -287,7 +287,8 @@ impl<E: Keyboard + Mouse> Input<E> {
                 }
                 end += 1;
             }
-            if !mapped.is_empty() {
+            // keycodes are mapped for text on X11 only (elsewhere enigo types Unicode directly)
+            if cfg!(target_os = "linux") && !mapped.is_empty() {
                 self.map_keycodes(&mapped)?;
             }
             self.send_text(&mut chars[start..end].iter().collect())?;
@@ -410,6 +411,7 @@ mod tests {
 
     /// The log without the pointer and with each key call shortened: `map x` for a release
     /// alone (a keycode mapped, nothing typed), `type x` for a click.
+    #[cfg(target_os = "linux")]
     fn key_log(i: &Input<Fake>) -> Vec<String> {
         i.enigo
             .log
@@ -422,6 +424,7 @@ mod tests {
             .collect()
     }
 
+    #[cfg(target_os = "linux")]
     #[test]
     fn text_beyond_ascii_keeps_the_key_mapping_a_moment_before_the_connection_closes() {
         let mut i = input(None);
@@ -446,6 +449,7 @@ mod tests {
         assert!(start.elapsed() >= MAPPED_KEYS_LINGER - Duration::from_millis(50));
     }
 
+    #[cfg(target_os = "linux")]
     #[test]
     fn keycodes_are_mapped_per_stretch_after_a_quiet_moment() {
         let mut i = input(None);
@@ -465,6 +469,7 @@ mod tests {
         assert_eq!(rest, want);
     }
 
+    #[cfg(target_os = "linux")]
     #[test]
     fn the_first_text_is_mapped_at_once_and_text_right_after_keys_waits() {
         let mut i = input(None);
