@@ -376,6 +376,7 @@ mod arch {
             // of the panel (its left 16 columns in the first 64 bytes of a row, the right 16 in
             // the next 64)
             asm!(
+                ".p2align 6",
                 "2:",
                 "tileloadd tmm4, [{a} + {sa}*1]",
                 "tileloadd tmm5, [{a2} + {sa}*1]",

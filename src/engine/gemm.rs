@@ -732,9 +732,23 @@ impl PackedWeight {
         } else {
             vec![0f32; amx::BLOCK * tail_ld]
         };
-        // the sums of one 64 × 64 macro block between its sub-chunks of `k`
+        // the sums of one 64 × 64 macro block between its sub-chunks of `k` (this thread's,
+        // reused: attention runs thousands of small products per layer, and a fresh zeroed
+        // buffer for each cost it 7%)
         const MACRO: usize = 2 * amx::BLOCK;
-        let mut macro_sums = vec![0f32; MACRO * MACRO];
+        // Products of fewer than 4 block rows (attention's blocks of queries: 64 rows, a few
+        // panels) run block row by block row over all of a group's panels with `k` whole, as
+        // before the macro blocks: there the reuse gained nothing and the order and the round
+        // trips of the sums cost attention 5–9% (`attention_rate`).
+        let (macro_rows, macro_panels, inner_pairs) = if main_rows >= 4 * amx::BLOCK {
+            (2, 2, AMX_INNER_PAIRS)
+        } else {
+            (1, group, step)
+        };
+        let mut macro_sums = MACRO_SUMS.take();
+        if step > inner_pairs {
+            macro_sums.resize(MACRO * MACRO, 0.0);
+        }
         let mut blocks = || {
             for q0 in (0..main_pairs).step_by(step) {
                 let chunk = step.min(main_pairs - q0);
@@ -750,11 +764,11 @@ impl PackedWeight {
                     let cols = panels.len() * NR;
                     // 64 × 64 at a time (two block rows by two panels), `k` in sub-chunks of
                     // AMX_INNER_PAIRS: each sub-chunk's A and B tiles are used twice while in
-                    // cache, where block by block each came from L2 for one use
-                    for row in (0..main_rows).step_by(2 * amx::BLOCK) {
-                        let row_blocks = (row..main_rows.min(row + 2 * amx::BLOCK))
-                            .step_by(amx::BLOCK)
-                            .collect::<Vec<_>>();
+                    // cache, where block by block each came from L2 for one use (large
+                    // products only, see `macro_rows`)
+                    for row in (0..main_rows).step_by(macro_rows * amx::BLOCK) {
+                        let row_blocks =
+                            (row..main_rows.min(row + macro_rows * amx::BLOCK)).step_by(amx::BLOCK);
                         // where a block row's sums go: `local` (one pass, `done`), else C
                         let local_base = local.as_mut_ptr();
                         let target = |r: usize| {
@@ -764,12 +778,12 @@ impl PackedWeight {
                                 (c.0.wrapping_add(r * ldc + g0 * NR), ldc)
                             }
                         };
-                        for p_pair in panels.clone().step_by(2) {
-                            let pair_panels = p_pair..(p_pair + 2).min(panels.end);
-                            for k0 in (0..chunk).step_by(AMX_INNER_PAIRS) {
-                                let pairs_here = AMX_INNER_PAIRS.min(chunk - k0);
+                        for p_pair in panels.clone().step_by(macro_panels) {
+                            let pair_panels = p_pair..(p_pair + macro_panels).min(panels.end);
+                            for k0 in (0..chunk).step_by(inner_pairs) {
+                                let pairs_here = inner_pairs.min(chunk - k0);
                                 let (first, last) = (k0 == 0, k0 + pairs_here == chunk);
-                                for (bi, &r) in row_blocks.iter().enumerate() {
+                                for (bi, r) in row_blocks.clone().enumerate() {
                                     let (c_row, c_ld) = target(r);
                                     for (pi, p) in pair_panels.clone().enumerate() {
                                         let sums = c_row.wrapping_add((p - g0) * NR);
@@ -806,7 +820,7 @@ impl PackedWeight {
                             }
                         }
                         if let Some(done) = done.filter(|_| last_pass) {
-                            for &r in &row_blocks {
+                            for r in row_blocks.clone() {
                                 let (c_row, c_ld) = target(r);
                                 for i in 0..amx::BLOCK {
                                     // SAFETY: the block row just computed, `cols` sums per row.
@@ -862,6 +876,7 @@ impl PackedWeight {
         } else {
             blocks();
         }
+        MACRO_SUMS.set(macro_sums);
         if done.is_some() {
             return true;
         }
@@ -998,6 +1013,11 @@ enum Start<'a> {
 /// that for the decoder's down projection (8960 values of `k`) a pass's share of A (a prompt's
 /// rows) stays in L2 while the panels go by (the other layers' `k` takes one pass).
 const AMX_KC_PAIRS: usize = 768;
+
+thread_local! {
+    /// One 64 × 64 block of f32 sums per thread, for `run_bf16_amx`.
+    static MACRO_SUMS: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+}
 
 /// Pairs of `k` per sub-chunk of a 64 × 64 macro block (see `run_bf16_amx`): the sub-chunk's
 /// A and B (32 KiB each) are read from L2 once and used twice. Measured on a 2-core Xeon with
@@ -1523,6 +1543,10 @@ mod tests {
             (50, 96, 3100),
             // one pass, two groups of panels, rows left over
             (70, 32 * 20, 1024),
+            // 64 × 64 macro blocks (4 block rows or more): sub-chunks of `k`, an odd panel and
+            // a block row left over, in one pass and in two
+            (150, 32 * 5, 1024),
+            (130, 96, 3100),
         ];
         for (m, n, k) in shapes {
             let bf = |v: Vec<f32>| -> Vec<bf16> { v.iter().map(|&x| bf16::from_f32(x)).collect() };
