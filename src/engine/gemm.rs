@@ -703,10 +703,20 @@ impl PackedWeight {
         // panels per group: what fits AMX_GROUP_BYTES, in whole multiples of `finish_group`
         let finish_group = finish_group.max(1);
         let group = ((AMX_GROUP_BYTES / (step * 2 * NR * 2)) / finish_group).max(1) * finish_group;
-        // one pass with `done`: a group's block row of sums lives in `local` only
+        // one pass with `done`: a group's block row of sums (two in macro blocks) lives in
+        // `local` only
+        // Products of fewer than 4 block rows (attention's blocks of queries: 64 rows, a few
+        // panels) run block row by block row over all of a group's panels with `k` whole, as
+        // before the macro blocks: there the reuse gained nothing and the order and the round
+        // trips of the sums cost attention 5–9% (`attention_rate`).
+        let (macro_rows, macro_panels, inner_pairs) = if main_rows >= 4 * amx::BLOCK {
+            (2, 2, AMX_INNER_PAIRS)
+        } else {
+            (1, group, step)
+        };
         let local_sums = done.is_some() && passes == 1;
         let mut local = if local_sums {
-            vec![0f32; 2 * amx::BLOCK * group * NR]
+            vec![0f32; macro_rows * amx::BLOCK * group * NR]
         } else {
             Vec::new()
         };
@@ -733,18 +743,8 @@ impl PackedWeight {
             vec![0f32; amx::BLOCK * tail_ld]
         };
         // the sums of one 64 × 64 macro block between its sub-chunks of `k` (this thread's,
-        // reused: attention runs thousands of small products per layer, and a fresh zeroed
-        // buffer for each cost it 7%)
+        // reused across products rather than allocated for each)
         const MACRO: usize = 2 * amx::BLOCK;
-        // Products of fewer than 4 block rows (attention's blocks of queries: 64 rows, a few
-        // panels) run block row by block row over all of a group's panels with `k` whole, as
-        // before the macro blocks: there the reuse gained nothing and the order and the round
-        // trips of the sums cost attention 5–9% (`attention_rate`).
-        let (macro_rows, macro_panels, inner_pairs) = if main_rows >= 4 * amx::BLOCK {
-            (2, 2, AMX_INNER_PAIRS)
-        } else {
-            (1, group, step)
-        };
         let mut macro_sums = MACRO_SUMS.take();
         if step > inner_pairs {
             macro_sums.resize(MACRO * MACRO, 0.0);
