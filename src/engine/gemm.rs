@@ -298,6 +298,29 @@ impl PackedWeight {
         self.n
     }
 
+    /// Row `r` of `W` (`k` values) read back out of bf16 panels into `out`: the embedding
+    /// lookup of a tied output layer, which is held packed only. `None` for f32 panels.
+    pub fn row_bf16(&self, r: usize, out: &mut [bf16]) -> Option<()> {
+        let Panels::Bf16(panels) = &self.panels else {
+            return None;
+        };
+        assert!(
+            r < self.n && out.len() == self.k,
+            "row {r} of {} into {} values (k = {})",
+            self.n,
+            out.len(),
+            self.k
+        );
+        let (p, c) = (r / NR, r % NR);
+        let panel = &panels[p * self.k_padded * NR..(p + 1) * self.k_padded * NR];
+        for (pair, values) in panel.chunks_exact(2 * NR).zip(out.chunks_mut(2)) {
+            for (v, &bits) in values.iter_mut().zip(&pair[2 * c..2 * c + 2]) {
+                *v = bf16::from_bits(bits);
+            }
+        }
+        Some(())
+    }
+
     pub fn k(&self) -> usize {
         self.k
     }
@@ -1720,6 +1743,24 @@ mod tests {
                     0
                 };
                 assert_eq!(bits, want, "layout {layout}: W[{r}][{c}]");
+            }
+        }
+    }
+
+    #[test]
+    fn rows_read_back_from_bf16_panels_are_the_packed_rows() {
+        // a partial last panel and an odd k (the pair's second half is padding)
+        for (n, k) in [(70, 9), (64, 32), (33, 1)] {
+            let w: Vec<bf16> = values(n * k, 3).into_iter().map(bf16::from_f32).collect();
+            let Some(packed) =
+                PackedWeight::pack_bf16(&w, n, k, Strides::row_major(k), Placement::Scratch)
+            else {
+                return; // no AVX512-BF16 here
+            };
+            let mut row = vec![bf16::ZERO; k];
+            for r in 0..n {
+                packed.row_bf16(r, &mut row).expect("bf16 panels");
+                assert_eq!(row, &w[r * k..(r + 1) * k], "row {r} of ({n}, {k})");
             }
         }
     }

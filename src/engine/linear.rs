@@ -339,6 +339,22 @@ impl WeightLayer for Linear {
 }
 
 impl Linear {
+    /// Whether the weights are packed for the CPU's bf16 kernel.
+    pub fn is_packed(&self) -> bool {
+        matches!(self.weight, Weight::PackedBf16(..))
+    }
+
+    /// Row `r` of the weight (`in` values) in bf16, from packed weights (the embedding lookup of
+    /// a tied output layer held packed only).
+    pub fn row_bf16(&self, r: usize, out: &mut [bf16]) -> candle_core::Result<()> {
+        match &self.weight {
+            Weight::PackedBf16(w, _) => w
+                .row_bf16(r, out)
+                .ok_or_else(|| candle_core::Error::Msg("bf16 layer packed in f32".into())),
+            _ => candle_core::bail!("rows are read back from packed bf16 weights only"),
+        }
+    }
+
     /// `x · Wᵀ` and the bias still to add, for callers that fuse the bias into their next step.
     /// A layer packed for the CPU adds its bias in the product and returns `None` for it.
     pub fn forward_split_bias(&self, x: &Tensor) -> candle_core::Result<(Tensor, Option<&Tensor>)> {

@@ -507,19 +507,40 @@ mod tests {
         let small = Tensor::from_vec(w, (n, k), &Device::Cpu).unwrap();
         let huge = super::super::weight_buffer::tensor_on_huge_pages(&small).unwrap();
         let x = Tensor::ones((1, 1, k), DType::BF16, &Device::Cpu).unwrap();
-        for (pages, w) in [("small", &small), ("huge", &huge)] {
+        // the same matrix packed for the bf16 kernel (as the tied output layer is where that
+        // kernel runs)
+        let values: Vec<bf16> = small.flatten_all().unwrap().to_vec1().unwrap();
+        let packed = super::super::gemm::PackedWeight::pack_bf16(
+            &values,
+            n,
+            k,
+            super::super::gemm::Strides::row_major(k),
+            Placement::Model,
+        );
+        let report = |what: &str, run: &mut dyn FnMut()| {
             let mut best = f64::MAX;
             for _ in 0..5 {
                 let t = std::time::Instant::now();
-                matvec(&x, w).unwrap().expect("applies");
+                run();
                 best = best.min(t.elapsed().as_secs_f64());
             }
             let gb = (n * k * 2) as f64 / 1e9;
             eprintln!(
-                "{n}x{k} bf16, {pages} pages: {:.1} ms, {:.1} GB/s",
+                "{n}x{k} bf16, {what}: {:.1} ms, {:.1} GB/s",
                 best * 1e3,
                 gb / best
             );
+        };
+        if let Some(packed) = packed {
+            let (ones, mut c) = (vec![bf16::ONE; k], vec![0f32; n]);
+            report("packed", &mut || {
+                packed.matmul_bf16_then(&ones, 1, k, None, &mut c, n, 1, |_, _, _| {})
+            });
+        }
+        for (pages, w) in [("small pages", &small), ("huge pages", &huge)] {
+            report(pages, &mut || {
+                matvec(&x, w).unwrap().expect("applies");
+            });
         }
     }
 

@@ -683,7 +683,11 @@ impl Qwen2Vl {
                 .text
                 .embed(&Tensor::new(&[*token], &self.device)?.unsqueeze(0)?),
             #[cfg(feature = "cuda")]
-            PendingToken::Device(token) => token.embedding(self.text.embedding_table()),
+            PendingToken::Device(token) => token.embedding(
+                self.text
+                    .embedding_table()
+                    .expect("tokens stay on the device only where its embedding matrix is"),
+            ),
         })?;
         Ok(self.text.forward(&embed, &rope)?)
     }
@@ -720,7 +724,9 @@ impl Qwen2Vl {
         if replay.graph.is_none() {
             // room for a few hundred positions at a time (captured anew after them)
             let steps = feeds_left.min(ReplayState::POSITIONS_PER_CAPTURE);
-            let table = self.text.embedding_table().clone();
+            let Some(table) = self.text.embedding_table().cloned() else {
+                return Ok(None);
+            };
             match cuda_graph::DecodeGraph::capture(&mut self.text, &table, &rows, steps) {
                 Ok(graph) => replay.graph = Some(graph),
                 Err(e) => {
@@ -768,7 +774,7 @@ impl Qwen2Vl {
     /// Whether a greedy token can stay on the device for the next step's embedding.
     fn device_embeddings(&self) -> bool {
         #[cfg(feature = "cuda")]
-        if cuda_fused::enabled(self.text.embedding_table()) {
+        if self.text.embedding_table().is_some_and(cuda_fused::enabled) {
             return true;
         }
         false

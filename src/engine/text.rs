@@ -434,9 +434,18 @@ impl DecoderLayer {
     }
 }
 
+/// Where the token embeddings are looked up.
+enum TokenTable {
+    /// The embedding matrix (also the output layer's weight when tied and not packed).
+    Matrix(Embedding),
+    /// The rows of a tied output layer that is held packed for the CPU kernel only: the matrix
+    /// is not kept twice.
+    OutputLayer,
+}
+
 /// The decoder with its own KV cache (one conversation at a time).
 pub struct TextModel {
-    embed: Embedding,
+    embed: TokenTable,
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
     lm_head: Linear,
@@ -457,15 +466,26 @@ impl TextModel {
     ) -> candle_core::Result<Self> {
         let embed =
             candle_nn::embedding(cfg.vocab_size, cfg.hidden_size, model_vb.pp("embed_tokens"))?;
-        // a tied output layer reads the whole matrix every token (copied now, before the
-        // layers load, so the copy adds little to the peak)
-        let embed = if cfg.tie_word_embeddings && quantize.is_none() {
-            let table = super::weight_buffer::tensor_on_huge_pages(embed.embeddings())?;
-            // the original goes now, not at the end of the load (it would add to the peak)
-            drop(embed);
-            candle_nn::Embedding::new(table, cfg.hidden_size)
+        // A tied output layer reads the whole matrix every token. Where the CPU kernel runs it
+        // is packed (the embedding lookup then reads its rows back from the panels); elsewhere
+        // it stays one dense matrix for both, copied onto huge pages. Either happens now,
+        // before the layers load, and the original goes at once, so neither adds to the peak.
+        let (embed, tied_head) = if cfg.tie_word_embeddings && quantize.is_none() {
+            let mut head = Linear::new(embed.embeddings().clone(), None);
+            head.pack_for_cpu()?;
+            if head.is_packed() {
+                drop(embed);
+                (TokenTable::OutputLayer, Some(head))
+            } else {
+                drop(head);
+                let table = super::weight_buffer::tensor_on_huge_pages(embed.embeddings())?;
+                drop(embed);
+                let embed = candle_nn::Embedding::new(table, cfg.hidden_size);
+                let head = Linear::new(embed.embeddings().clone(), None);
+                (TokenTable::Matrix(embed), Some(head))
+            }
         } else {
-            embed
+            (TokenTable::Matrix(embed), None)
         };
         // Quantized layer by layer, so the whole decoder is never held in full precision.
         let mut dense = 0;
@@ -489,9 +509,13 @@ impl TextModel {
             layers.push(layer);
         }
         let norm = candle_nn::rms_norm(cfg.hidden_size, cfg.rms_norm_eps, model_vb.pp("norm"))?;
-        let lm_head = if cfg.tie_word_embeddings {
-            // shared with the embedding lookup: packing would hold the matrix twice, so a tied
-            // head stays dense unless quantized (it only ever sees one row per step)
+        let lm_head = if let Some(head) = tied_head {
+            head
+        } else if cfg.tie_word_embeddings {
+            // quantized: the lookup keeps the dense matrix (it only ever reads a few rows)
+            let TokenTable::Matrix(embed) = &embed else {
+                unreachable!("a quantized model's tied head is built here, from the matrix");
+            };
             let mut head = Linear::new(embed.embeddings().clone(), None);
             quantized(&mut [&mut head], false)?;
             head
@@ -535,14 +559,37 @@ impl TextModel {
         layers + self.lm_head.weight_bytes()
     }
 
-    /// Token embeddings `(1, len, hidden)` for `ids`.
+    /// Token embeddings (`ids`' shape plus `hidden`) for `ids`.
     pub fn embed(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
-        self.embed.forward(ids)
+        match &self.embed {
+            TokenTable::Matrix(embed) => embed.forward(ids),
+            TokenTable::OutputLayer => {
+                let hidden = self.cfg.hidden_size;
+                let tokens: Vec<u32> = ids.flatten_all()?.to_vec1()?;
+                let mut rows = vec![half::bf16::ZERO; tokens.len() * hidden];
+                for (&token, row) in tokens.iter().zip(rows.chunks_exact_mut(hidden)) {
+                    if token as usize >= self.cfg.vocab_size {
+                        candle_core::bail!(
+                            "token id {token} is outside the vocabulary of {} tokens",
+                            self.cfg.vocab_size
+                        );
+                    }
+                    self.lm_head.row_bf16(token as usize, row)?;
+                }
+                let mut dims = ids.dims().to_vec();
+                dims.push(hidden);
+                Tensor::from_vec(rows, dims, ids.device())
+            }
+        }
     }
 
-    /// The embedding table `(vocab, hidden)`.
-    pub fn embedding_table(&self) -> &Tensor {
-        self.embed.embeddings()
+    /// The embedding matrix `(vocab, hidden)`; `None` where a tied output layer holds it packed
+    /// for the CPU kernel (look rows up with [`Self::embed`]).
+    pub fn embedding_table(&self) -> Option<&Tensor> {
+        match &self.embed {
+            TokenTable::Matrix(embed) => Some(embed.embeddings()),
+            TokenTable::OutputLayer => None,
+        }
     }
 
     /// Keeps the first `len` cached positions and forgets the rest (0 clears the cache; the

@@ -94,8 +94,10 @@ impl<T: bytemuck::Pod> DerefMut for WeightBuffer<T> {
 
 /// A copy of a CPU tensor of floats whose storage is advised onto huge pages before it is
 /// written, for a candle tensor read whole on every token: the tied embedding matrix, which is
-/// also the 2B model's output layer (467 MB in bf16). With small pages its decode product read
-/// 15–16 GB/s, with huge pages 22–24 GB/s, on a 2-core Xeon whose packed layers read 26.
+/// also the 2B model's output layer (467 MB in bf16), where the packed bf16 kernel does not run
+/// (where it does, the output layer is packed, onto huge pages too). With small pages its
+/// decode product read 15–16 GB/s, with huge pages 22–24 GB/s, on a 2-core Xeon whose packed
+/// layers read 26.
 /// Anything else (other devices and dtypes, non-Linux) comes back as it is.
 pub fn tensor_on_huge_pages(t: &candle_core::Tensor) -> candle_core::Result<candle_core::Tensor> {
     use candle_core::{CpuStorage, DType, Storage};
