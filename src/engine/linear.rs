@@ -597,8 +597,10 @@ fn packed_bf16_into(
         candle_core::bail!("packed bf16 layer on a non-CPU input");
     };
     let a = &values[layout.start_offset()..layout.start_offset() + rows * k];
-    let mut out = vec![bf16::ZERO; rows * width];
-    let dst = SharedOut(out.as_mut_ptr());
+    // not zeroed first (12 MB for the vision MLP's hidden layer at 640×360): `finish` writes
+    // every value, each thread its own columns of every row, before the length is set
+    let mut out: Vec<bf16> = Vec::with_capacity(rows * width);
+    let dst = SharedOut(out.spare_capacity_mut().as_mut_ptr().cast::<bf16>());
     // taken out while in use: a rayon thread waiting for this product's threads may run
     // another product meanwhile (another model's, or a nested one), which then gets a fresh one
     let mut sums = SUMS.take();
@@ -622,6 +624,9 @@ fn packed_bf16_into(
         },
     );
     SUMS.set(sums);
+    // SAFETY: the product called `finish` on every row of every thread's columns, which wrote
+    // all `rows × width` values (see `PackedWeight::matmul_bf16_then`).
+    unsafe { out.set_len(rows * width) };
     Tensor::from_vec(out, dims, &Device::Cpu)
 }
 
@@ -914,6 +919,64 @@ mod tests {
             "q3".parse::<Quantization>()
                 .unwrap_err()
                 .contains("q8_0 or q4k")
+        );
+    }
+
+    /// The vision tower's MLP at 640×360 (1,196 patches) as the model runs it, fc1 with its
+    /// QuickGELU and fc2 with its residual, beside the same two products with nothing done to
+    /// their sums: what the epilogues and the bf16 tensors around the products cost
+    /// (`cargo test --release --lib vision_mlp_rate -- --ignored --nocapture`).
+    #[test]
+    #[ignore = "a measurement, not a check"]
+    fn vision_mlp_rate() {
+        if !Kernel::detect().is_some_and(Kernel::has_bf16) {
+            return;
+        }
+        let (m, dim, hidden) = (1196, 1280, 5120);
+        let dense = |n: usize, k: usize, seed: f64| {
+            let w = Tensor::arange(0f32, (n * k) as f32, &Device::Cpu).unwrap();
+            let w = ((w * (seed / (n * k) as f64)).unwrap().sin().unwrap() * 0.05).unwrap();
+            let w = w.reshape((n, k)).unwrap().to_dtype(DType::BF16).unwrap();
+            let mut layer = Linear::new(w, None);
+            layer.pack_for_cpu().unwrap();
+            layer
+        };
+        let (fc1, fc2) = (dense(hidden, dim, 7.0), dense(dim, hidden, 11.0));
+        let x = Tensor::randn(0f32, 1.0, (m, dim), &Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap();
+        let best = |run: &mut dyn FnMut()| {
+            (0..5)
+                .map(|_| {
+                    let t = std::time::Instant::now();
+                    run();
+                    t.elapsed().as_secs_f64()
+                })
+                .fold(f64::MAX, f64::min)
+        };
+        let model = best(&mut || {
+            let h = fc1.forward_activated(&x, Activation::QuickGelu).unwrap();
+            fc2.forward_plus(&h, &x).unwrap();
+        });
+        let (Weight::PackedBf16(w1, _), Weight::PackedBf16(w2, _)) = (&fc1.weight, &fc2.weight)
+        else {
+            panic!("packed");
+        };
+        let a1: Vec<bf16> = x.flatten_all().unwrap().to_vec1().unwrap();
+        let a2 = vec![bf16::ONE; m * hidden];
+        let (mut c1, mut c2) = (vec![0f32; m * hidden], vec![0f32; m * dim]);
+        let bare = best(&mut || {
+            w1.matmul_bf16_then(&a1, m, dim, None, &mut c1, hidden, 1, |_, _, _| {});
+            w2.matmul_bf16_then(&a2, m, hidden, None, &mut c2, dim, 1, |_, _, _| {});
+        });
+        let gflop = 4.0 * (m * dim * hidden) as f64 / 1e9;
+        eprintln!(
+            "vision MLP {m} patches: as run {:.2} ms ({:.0} GFLOP/s), products alone {:.2} ms ({:.0} GFLOP/s)",
+            model * 1e3,
+            gflop / model,
+            bare * 1e3,
+            gflop / bare
         );
     }
 }

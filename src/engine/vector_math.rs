@@ -491,10 +491,10 @@ mod tests {
 
     #[test]
     fn vector_quick_gelu_and_silu_gate_stay_within_one_bf16_step_of_the_scalar_ones() {
-        let (x, u) = (
-            ragged(1003),
-            ragged(1003).into_iter().rev().collect::<Vec<_>>(),
-        );
+        // [-10, 10) and a tail of magnitudes where the exponential over- or underflows
+        let mut x = ragged(1003);
+        x.extend([-200.0, -95.0, -60.0, 60.0, 95.0, 200.0, 1e-30, -1e-30, 0.0]);
+        let u: Vec<f32> = x.iter().rev().map(|v| v.clamp(-10.0, 10.0)).collect();
         let mut gelu = vec![bf16::ZERO; x.len()];
         quick_gelu_to_bf16(&x, &mut gelu);
         let mut gated = vec![bf16::ZERO; x.len()];
