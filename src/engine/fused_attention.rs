@@ -416,18 +416,16 @@ fn attend_one_query<T: Element>(q: &[T], k: &[T], v: &[T], shape: AttentionShape
     let mut out = vec![0f32; heads * d];
     out.par_chunks_mut(d).enumerate().for_each(|(h, out)| {
         #[cfg(target_arch = "x86_64")]
-        if d == 128
-            && std::arch::is_x86_feature_detected!("avx512f")
-            && let (Some(q), Some(k), Some(v)) = (T::as_bf16(q), T::as_bf16(k), T::as_bf16(v))
-        {
-            // SAFETY: the CPU has AVX-512F (checked just above), and `d` is 32 · 4.
-            unsafe { attend_one_head_bf16_avx512::<4>(q, k, v, shape, h, out) };
-            return;
-        }
-        #[cfg(target_arch = "x86_64")]
         if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU has AVX-512F (checked just above).
-            unsafe { attend_one_head_avx512(q, k, v, shape, h, out) };
+            if d == 128
+                && let (Some(q), Some(k), Some(v)) = (T::as_bf16(q), T::as_bf16(k), T::as_bf16(v))
+            {
+                // SAFETY: the CPU has AVX-512F (checked just above), and `d` is 32 · 4.
+                unsafe { attend_one_head_bf16_avx512::<4>(q, k, v, shape, h, out) };
+            } else {
+                // SAFETY: the CPU has AVX-512F (checked just above).
+                unsafe { attend_one_head_avx512(q, k, v, shape, h, out) };
+            }
             return;
         }
         attend_one_head(q, k, v, shape, h, out);

@@ -298,6 +298,10 @@ impl PackedWeight {
         self.n
     }
 
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
     /// Row `r` of `W` (`k` values) read back out of bf16 panels into `out`: the embedding
     /// lookup of a tied output layer, which is held packed only. `None` for f32 panels.
     pub fn row_bf16(&self, r: usize, out: &mut [bf16]) -> Option<()> {
@@ -319,10 +323,6 @@ impl PackedWeight {
             }
         }
         Some(())
-    }
-
-    pub fn k(&self) -> usize {
-        self.k
     }
 
     /// `C (m × cols) = A (m × k_used) · W[..cols, ..k_used]ᵀ` with f32 weights on the calling
@@ -1811,8 +1811,6 @@ mod tests {
         }
     }
 
-    /// Rates of the bf16 products on this machine (`cargo test --release --lib gemm_rates --
-    /// --ignored --nocapture`): the vision tower's and the decoder's shapes, and attention's.
     /// One decoded token's product against the 2B decoder's weights (600 MB of gate/up-sized
     /// copies, each read once) next to a plain two-thread sum over as many bytes: the share of
     /// the read bandwidth the decode kernel reaches
@@ -1869,6 +1867,8 @@ mod tests {
         }
     }
 
+    /// Rates of the bf16 products on this machine (`cargo test --release --lib gemm_rates --
+    /// --ignored --nocapture`): the vision tower's and the decoder's shapes, and attention's.
     #[test]
     #[ignore = "a measurement, not a check"]
     fn gemm_rates() {
