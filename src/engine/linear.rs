@@ -278,9 +278,41 @@ fn ggml_rows_bf16(q: &QTensor) -> candle_core::Result<Option<PackedWeight>> {
     ))
 }
 
-/// `w` quantized to `format` on its device, for candle's quantized matmul.
-fn ggml_weight(w: &Tensor, format: Quantization) -> candle_core::Result<Weight> {
-    let q = Arc::new(QTensor::quantize(&w.to_dtype(DType::F32)?, format.ggml())?);
+/// Rows per chunk when a weight is quantized: its f32 copy is made a chunk at a time (16 MiB
+/// for the 2B model's output layer, whose whole f32 copy would take 933 MB).
+const QUANTIZE_CHUNK_ROWS: usize = 2048;
+
+/// Rows `r0..r0 + rows` of the `(n, k)` weight `w` in f32, row-major.
+fn rows_f32(w: &Tensor, r0: usize, rows: usize) -> candle_core::Result<Vec<f32>> {
+    w.narrow(0, r0, rows)?
+        .to_dtype(DType::F32)?
+        .flatten_all()?
+        .to_vec1()
+}
+
+/// `w` quantized to `format` on its device, for candle's quantized matmul. On the CPU Q4_K is
+/// quantized `chunk_rows` rows at a time, on all threads, into the same blocks as
+/// `QTensor::quantize` makes from the whole f32 matrix.
+fn ggml_weight(w: &Tensor, format: Quantization, chunk_rows: usize) -> candle_core::Result<Weight> {
+    use candle_core::quantized::{GgmlType, QStorage, k_quants::BlockQ4K};
+    use rayon::prelude::*;
+    let (n, k) = w.dims2()?;
+    let q = if format == Quantization::Q4K && w.device().is_cpu() {
+        let per_row = k / BlockQ4K::BLCK_SIZE;
+        let mut blocks = vec![BlockQ4K::zeros(); n * per_row];
+        for r0 in (0..n).step_by(chunk_rows) {
+            let rows = chunk_rows.min(n - r0);
+            let values = rows_f32(w, r0, rows)?;
+            blocks[r0 * per_row..(r0 + rows) * per_row]
+                .par_chunks_mut(per_row)
+                .zip(values.par_chunks(k))
+                .for_each(|(ys, xs)| BlockQ4K::from_float(xs, ys));
+        }
+        QTensor::new(QStorage::Cpu(Box::new(blocks)), (n, k))?
+    } else {
+        QTensor::quantize(&w.to_dtype(DType::F32)?, format.ggml())?
+    };
+    let q = Arc::new(q);
     Ok(Weight::Ggml(q.clone(), QMatMul::from_arc(q)?))
 }
 
@@ -296,11 +328,12 @@ impl WeightLayer for Linear {
         self.weight = match format {
             // our Q8_0 kernel is a CPU kernel: elsewhere Q8_0 goes through candle's quantized
             // matmul on the device, like Q4_K
-            Quantization::Q8_0 if w.device().is_cpu() => {
-                let values: Vec<f32> = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-                Weight::Int8(Arc::new(matvec::Int8Rows::quantize(&values, n, k)))
-            }
-            Quantization::Q8_0 | Quantization::Q4K => ggml_weight(w, format)?,
+            Quantization::Q8_0 if w.device().is_cpu() => Weight::Int8(Arc::new(
+                matvec::Int8Rows::quantize_chunks(n, k, QUANTIZE_CHUNK_ROWS, |r0, rows| {
+                    rows_f32(w, r0, rows)
+                })?,
+            )),
+            Quantization::Q8_0 | Quantization::Q4K => ggml_weight(w, format, QUANTIZE_CHUNK_ROWS)?,
         };
         Ok(true)
     }
@@ -678,6 +711,33 @@ mod tests {
     }
 
     #[test]
+    fn weights_quantized_in_chunks_of_rows_equal_the_whole_matrix_quantized() {
+        // 37 rows in chunks of 8: four whole chunks and a short last one
+        let w = Tensor::randn(0f32, 1.0, (37, 512), &Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap();
+        let Weight::Ggml(chunked, _) = ggml_weight(&w, Quantization::Q4K, 8).unwrap() else {
+            panic!("q4k is a GGML weight");
+        };
+        let whole = QTensor::quantize(&w.to_dtype(DType::F32).unwrap(), GgmlDType::Q4K).unwrap();
+        assert_eq!(chunked.shape().dims(), &[37, 512]);
+        assert!(
+            chunked.data().unwrap() == whole.data().unwrap(),
+            "q4k blocks differ"
+        );
+        let chunked =
+            matvec::Int8Rows::quantize_chunks(37, 512, 8, |r0, rows| rows_f32(&w, r0, rows))
+                .unwrap();
+        let whole = matvec::Int8Rows::quantize(&rows_f32(&w, 0, 37).unwrap(), 37, 512);
+        assert_eq!(
+            chunked.dequantize(),
+            whole.dequantize(),
+            "q8_0 blocks differ"
+        );
+    }
+
+    #[test]
     fn quantized_forward_stays_close_and_shrinks_the_weight() {
         let w = Tensor::randn(0f32, 1.0, (64, 256), &Device::Cpu).unwrap();
         let x = Tensor::randn(0f32, 1.0, (1, 1, 256), &Device::Cpu).unwrap();
@@ -686,7 +746,7 @@ mod tests {
         let scale = max_abs(&exact);
         // Q8_0 through candle's quantized matmul is what a GPU gets; built here on the CPU
         let candle_q8_0 = Linear {
-            weight: ggml_weight(&w, Quantization::Q8_0).unwrap(),
+            weight: ggml_weight(&w, Quantization::Q8_0, QUANTIZE_CHUNK_ROWS).unwrap(),
             bias: None,
         };
         for (name, format, tolerance, max_bytes) in [

@@ -209,8 +209,26 @@ pub struct Int8Rows {
 /// Values per Q8_0 block.
 pub const Q8_BLOCK: usize = 32;
 
+/// `w` in Q8_0 blocks on all threads: values into `q`, one scale per block into `scales`.
+fn quantize_blocks(w: &[f32], q: &mut [i8], scales: &mut [f32]) {
+    q.par_chunks_mut(Q8_BLOCK)
+        .zip(scales.par_iter_mut())
+        .zip(w.par_chunks(Q8_BLOCK))
+        .for_each(|((qb, scale), wb)| {
+            let amax = wb.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let d = amax / 127.0;
+            let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+            for (qv, wv) in qb.iter_mut().zip(wb) {
+                *qv = (wv * inv).round() as i8;
+            }
+            *scale = d;
+        });
+}
+
 impl Int8Rows {
-    /// Quantizes the row-major `(n, k)` matrix `w`; `k` must be a multiple of [`Q8_BLOCK`].
+    /// Quantizes the row-major `(n, k)` matrix `w` at once; `k` must be a multiple of
+    /// [`Q8_BLOCK`]. (Models use [`Self::quantize_chunks`]; tests compare the two.)
+    #[cfg(test)]
     pub fn quantize(w: &[f32], n: usize, k: usize) -> Self {
         assert!(
             k.is_multiple_of(Q8_BLOCK) && w.len() == n * k,
@@ -218,19 +236,36 @@ impl Int8Rows {
         );
         let mut q = WeightBuffer::zeroed(n * k, Placement::Model);
         let mut scales = vec![0f32; n * k / Q8_BLOCK];
-        q.par_chunks_mut(Q8_BLOCK)
-            .zip(scales.par_iter_mut())
-            .zip(w.par_chunks(Q8_BLOCK))
-            .for_each(|((qb, scale), wb)| {
-                let amax = wb.iter().fold(0f32, |m, v| m.max(v.abs()));
-                let d = amax / 127.0;
-                let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
-                for (qv, wv) in qb.iter_mut().zip(wb) {
-                    *qv = (wv * inv).round() as i8;
-                }
-                *scale = d;
-            });
+        quantize_blocks(w, &mut q, &mut scales);
         Self { n, k, q, scales }
+    }
+
+    /// [`Self::quantize`] of an `(n, k)` matrix handed over `chunk_rows` rows at a time by
+    /// `fill(first_row, rows)` (row-major f32), so that a large matrix (a tied output layer:
+    /// 933 MB in f32) is never held in f32 whole.
+    pub fn quantize_chunks<E>(
+        n: usize,
+        k: usize,
+        chunk_rows: usize,
+        mut fill: impl FnMut(usize, usize) -> Result<Vec<f32>, E>,
+    ) -> Result<Self, E> {
+        assert!(
+            k.is_multiple_of(Q8_BLOCK) && chunk_rows > 0,
+            "({n}, {k}) in blocks of 32"
+        );
+        let mut q = WeightBuffer::zeroed(n * k, Placement::Model);
+        let mut scales = vec![0f32; n * k / Q8_BLOCK];
+        for r0 in (0..n).step_by(chunk_rows) {
+            let rows = chunk_rows.min(n - r0);
+            let w = fill(r0, rows)?;
+            assert_eq!(w.len(), rows * k, "a chunk of {rows} rows of {k}");
+            quantize_blocks(
+                &w,
+                &mut q[r0 * k..(r0 + rows) * k],
+                &mut scales[r0 * k / Q8_BLOCK..(r0 + rows) * k / Q8_BLOCK],
+            );
+        }
+        Ok(Self { n, k, q, scales })
     }
 
     pub fn dims(&self) -> (usize, usize) {
