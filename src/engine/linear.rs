@@ -685,7 +685,24 @@ fn matmul_2d(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Device;
+    use candle_core::{Device, Shape};
+
+    /// Values drawn from N(0, std²) by a generator seeded with `seed`: the same every run, so
+    /// that the statistical bounds below (quantization errors) hold for these draws always,
+    /// not nearly always.
+    fn normal(shape: impl Into<Shape>, std: f32, seed: u64) -> Tensor {
+        use rand::{Rng, SeedableRng};
+        let shape = shape.into();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let values: Vec<f32> = (0..shape.elem_count())
+            .map(|_| {
+                // Box–Muller
+                let (u, v): (f32, f32) = (rng.random::<f32>().max(1e-7), rng.random());
+                std * (-2.0 * u.ln()).sqrt() * (std::f32::consts::TAU * v).cos()
+            })
+            .collect();
+        Tensor::from_vec(values, shape, &Device::Cpu).unwrap()
+    }
 
     /// The largest magnitude in `t` (f32).
     fn max_abs(t: &Tensor) -> f32 {
@@ -699,12 +716,12 @@ mod tests {
 
     #[test]
     fn dense_forward_matches_candle_linear_for_one_and_many_rows() {
-        let w = Tensor::randn(0f32, 1.0, (48, 64), &Device::Cpu).unwrap();
-        let b = Tensor::randn(0f32, 1.0, 48, &Device::Cpu).unwrap();
+        let w = normal((48, 64), 1.0, 1);
+        let b = normal(48, 1.0, 2);
         let ours = Linear::new(w.clone(), Some(b.clone()));
         let theirs = candle_nn::Linear::new(w, Some(b));
         for rows in [1, 5] {
-            let x = Tensor::randn(0f32, 1.0, (1, rows, 64), &Device::Cpu).unwrap();
+            let x = normal((1, rows, 64), 1.0, 3);
             let diff = max_abs(&(ours.forward(&x).unwrap() - theirs.forward(&x).unwrap()).unwrap());
             assert!(diff < 1e-4, "rows {rows}: {diff}");
         }
@@ -713,10 +730,7 @@ mod tests {
     #[test]
     fn weights_quantized_in_chunks_of_rows_equal_the_whole_matrix_quantized() {
         // 37 rows in chunks of 8: four whole chunks and a short last one
-        let w = Tensor::randn(0f32, 1.0, (37, 512), &Device::Cpu)
-            .unwrap()
-            .to_dtype(DType::BF16)
-            .unwrap();
+        let w = normal((37, 512), 1.0, 4).to_dtype(DType::BF16).unwrap();
         let Weight::Ggml(chunked, _) = ggml_weight(&w, Quantization::Q4K, 8).unwrap() else {
             panic!("q4k is a GGML weight");
         };
@@ -739,8 +753,8 @@ mod tests {
 
     #[test]
     fn quantized_forward_stays_close_and_shrinks_the_weight() {
-        let w = Tensor::randn(0f32, 1.0, (64, 256), &Device::Cpu).unwrap();
-        let x = Tensor::randn(0f32, 1.0, (1, 1, 256), &Device::Cpu).unwrap();
+        let w = normal((64, 256), 1.0, 5);
+        let x = normal((1, 1, 256), 1.0, 6);
         let dense = Linear::new(w.clone(), None);
         let exact = dense.forward(&x).unwrap();
         let scale = max_abs(&exact);
@@ -781,7 +795,7 @@ mod tests {
 
     #[test]
     fn quantized_prompts_in_bf16_multiply_the_dequantized_weights() {
-        let w = Tensor::randn(0f32, 1.0, (96, 256), &Device::Cpu).unwrap();
+        let w = normal((96, 256), 1.0, 7);
         for format in [Quantization::Q8_0, Quantization::Q4K] {
             let mut q = Linear::new(w.clone(), None);
             assert!(q.quantize(format).unwrap());
@@ -795,8 +809,7 @@ mod tests {
             .to_dtype(DType::BF16)
             .unwrap();
             for rows in [3, 40] {
-                let x = Tensor::randn(0f32, 1.0, (1, rows, 256), &Device::Cpu)
-                    .unwrap()
+                let x = normal((1, rows, 256), 1.0, 8)
                     .to_dtype(DType::BF16)
                     .unwrap();
                 let got = q.forward(&x).unwrap().to_dtype(DType::F32).unwrap();
@@ -818,9 +831,10 @@ mod tests {
 
     #[test]
     fn a_residual_in_the_packed_kernel_gives_the_bits_of_a_separate_add() {
+        let seed = std::cell::Cell::new(100);
         let bf16_randn = |shape: &[usize]| {
-            Tensor::randn(0f32, 1.0, shape, &Device::Cpu)
-                .unwrap()
+            seed.set(seed.get() + 1);
+            normal(shape, 1.0, seed.get())
                 .to_dtype(DType::BF16)
                 .unwrap()
         };
@@ -856,14 +870,8 @@ mod tests {
 
     #[test]
     fn packed_bf16_matches_the_dense_layer_where_the_cpu_has_the_kernel() {
-        let w = Tensor::randn(0f32, 1.0, (70, 96), &Device::Cpu)
-            .unwrap()
-            .to_dtype(DType::BF16)
-            .unwrap();
-        let b = Tensor::randn(0f32, 1.0, 70, &Device::Cpu)
-            .unwrap()
-            .to_dtype(DType::BF16)
-            .unwrap();
+        let w = normal((70, 96), 1.0, 10).to_dtype(DType::BF16).unwrap();
+        let b = normal(70, 1.0, 11).to_dtype(DType::BF16).unwrap();
         let dense = Linear::new(w.clone(), Some(b.clone()));
         let mut packed = dense.clone();
         packed.pack_for_cpu().unwrap();
@@ -872,10 +880,7 @@ mod tests {
             return;
         }
         assert_eq!(packed.weight_bytes(), dense.weight_bytes());
-        let x = Tensor::randn(0f32, 1.0, (5, 96), &Device::Cpu)
-            .unwrap()
-            .to_dtype(DType::BF16)
-            .unwrap();
+        let x = normal((5, 96), 1.0, 12).to_dtype(DType::BF16).unwrap();
         let f32_of = |t: Tensor| t.to_dtype(DType::F32).unwrap();
         let fused = f32_of(packed.forward_activated(&x, Activation::QuickGelu).unwrap());
         let plain = Activation::QuickGelu
@@ -884,8 +889,7 @@ mod tests {
         let diff = max_abs(&(fused - plain).unwrap());
         assert!(diff <= 0.25, "{diff}");
         for rows in [1, 13, 40] {
-            let x = Tensor::randn(0f32, 1.0, (2, rows, 96), &Device::Cpu)
-                .unwrap()
+            let x = normal((2, rows, 96), 1.0, 13)
                 .to_dtype(DType::BF16)
                 .unwrap();
             let exact = x
@@ -907,13 +911,12 @@ mod tests {
     /// A [`GatedLinear`] from random gate and up weights, with the plain `silu(x·Gᵀ) ⊙ (x·Uᵀ)`
     /// computed in f32 from the same (rounded) values.
     fn gated_case(width: usize, dtype: DType) -> (GatedLinear, Tensor, Tensor) {
-        let dev = &Device::Cpu;
         let round = |t: Tensor| t.to_dtype(dtype).unwrap();
         let (gate, up) = (
-            round(Tensor::randn(0f32, 0.2, (width, 64), dev).unwrap()),
-            round(Tensor::randn(0f32, 0.2, (width, 64), dev).unwrap()),
+            round(normal((width, 64), 0.2, 14)),
+            round(normal((width, 64), 0.2, 15)),
         );
-        let x = round(Tensor::randn(0f32, 1.0, (1, 3, 64), dev).unwrap());
+        let x = round(normal((1, 3, 64), 1.0, 16));
         let layer = GatedLinear {
             fused: Linear::new(Tensor::cat(&[&gate, &up], 0).unwrap(), None),
             width,
@@ -1002,10 +1005,7 @@ mod tests {
             layer
         };
         let (fc1, fc2) = (dense(hidden, dim, 7.0), dense(dim, hidden, 11.0));
-        let x = Tensor::randn(0f32, 1.0, (m, dim), &Device::Cpu)
-            .unwrap()
-            .to_dtype(DType::BF16)
-            .unwrap();
+        let x = normal((m, dim), 1.0, 17).to_dtype(DType::BF16).unwrap();
         let best = |run: &mut dyn FnMut()| {
             (0..5)
                 .map(|_| {
