@@ -209,40 +209,19 @@ pub struct Int8Rows {
 /// Values per Q8_0 block.
 pub const Q8_BLOCK: usize = 32;
 
-/// `w` in Q8_0 blocks on all threads: values into `q`, one scale per block into `scales`.
-fn quantize_blocks(w: &[f32], q: &mut [i8], scales: &mut [f32]) {
-    q.par_chunks_mut(Q8_BLOCK)
-        .zip(scales.par_iter_mut())
-        .zip(w.par_chunks(Q8_BLOCK))
-        .for_each(|((qb, scale), wb)| {
-            let amax = wb.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let d = amax / 127.0;
-            let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
-            for (qv, wv) in qb.iter_mut().zip(wb) {
-                *qv = (wv * inv).round() as i8;
-            }
-            *scale = d;
-        });
-}
-
 impl Int8Rows {
     /// Quantizes the row-major `(n, k)` matrix `w` at once; `k` must be a multiple of
     /// [`Q8_BLOCK`]. (Models use [`Self::quantize_chunks`]; tests compare the two.)
     #[cfg(test)]
     pub fn quantize(w: &[f32], n: usize, k: usize) -> Self {
-        assert!(
-            k.is_multiple_of(Q8_BLOCK) && w.len() == n * k,
-            "({n}, {k}) in blocks of 32"
-        );
-        let mut q = WeightBuffer::zeroed(n * k, Placement::Model);
-        let mut scales = vec![0f32; n * k / Q8_BLOCK];
-        quantize_blocks(w, &mut q, &mut scales);
-        Self { n, k, q, scales }
+        assert_eq!(w.len(), n * k, "({n}, {k}) values");
+        let whole = |_, _| Ok::<_, ()>(w.to_vec());
+        Self::quantize_chunks(n, k, n.max(1), whole).expect("the copy cannot fail")
     }
 
-    /// [`Self::quantize`] of an `(n, k)` matrix handed over `chunk_rows` rows at a time by
-    /// `fill(first_row, rows)` (row-major f32), so that a large matrix (a tied output layer:
-    /// 933 MB in f32) is never held in f32 whole.
+    /// Quantizes an `(n, k)` matrix handed over `chunk_rows` rows at a time by `fill(first_row,
+    /// rows)` (row-major f32), so that a large matrix (a tied output layer: 933 MB in f32) is
+    /// never held in f32 whole; `k` must be a multiple of [`Q8_BLOCK`].
     pub fn quantize_chunks<E>(
         n: usize,
         k: usize,
@@ -259,11 +238,20 @@ impl Int8Rows {
             let rows = chunk_rows.min(n - r0);
             let w = fill(r0, rows)?;
             assert_eq!(w.len(), rows * k, "a chunk of {rows} rows of {k}");
-            quantize_blocks(
-                &w,
-                &mut q[r0 * k..(r0 + rows) * k],
-                &mut scales[r0 * k / Q8_BLOCK..(r0 + rows) * k / Q8_BLOCK],
-            );
+            // Q8_0 blocks on all threads: the values, and one scale per block
+            q[r0 * k..(r0 + rows) * k]
+                .par_chunks_mut(Q8_BLOCK)
+                .zip(scales[r0 * k / Q8_BLOCK..(r0 + rows) * k / Q8_BLOCK].par_iter_mut())
+                .zip(w.par_chunks(Q8_BLOCK))
+                .for_each(|((qb, scale), wb)| {
+                    let amax = wb.iter().fold(0f32, |m, v| m.max(v.abs()));
+                    let d = amax / 127.0;
+                    let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+                    for (qv, wv) in qb.iter_mut().zip(wb) {
+                        *qv = (wv * inv).round() as i8;
+                    }
+                    *scale = d;
+                });
         }
         Ok(Self { n, k, q, scales })
     }
