@@ -47,7 +47,7 @@ impl AttentionShape {
 }
 
 /// The element types the kernel multiplies.
-pub trait Element: Copy + Send + Sync + 'static {
+pub trait Element: bytemuck::Zeroable + Copy + Send + Sync + 'static {
     /// Packs `w` (`n × k`) zero-extended to `extended` (rows, columns).
     fn pack(
         w: &[Self],
@@ -236,7 +236,8 @@ pub fn attend<T: Element>(q: &[T], k: &[T], v: &[T], shape: AttentionShape) -> O
         .next_multiple_of(row_tile)
         .min(s.next_multiple_of(row_tile));
     let blocks = s.div_ceil(rows);
-    let mut out = vec![T::ZERO; s * heads * d];
+    // zeroed pages from the allocator: `vec![T::ZERO; n]` of a bf16 writes every value first
+    let mut out: Vec<T> = bytemuck::zeroed_vec(s * heads * d);
     let out_ptr = OutPtr(out.as_mut_ptr());
     let rep = heads / kv_heads;
     (0..heads * blocks)

@@ -61,7 +61,8 @@ impl Module for LayerNorm {
             return self.candle.forward(&x);
         };
         let src = &values[layout.start_offset()..layout.start_offset() + x.elem_count()];
-        let mut out = vec![bf16::ZERO; src.len()];
+        // zeroed pages from the allocator: `vec![bf16::ZERO; n]` writes every value first
+        let mut out: Vec<bf16> = bytemuck::zeroed_vec(src.len());
         out.par_chunks_mut(width * ROWS_PER_TASK)
             .zip(src.par_chunks(width * ROWS_PER_TASK))
             .for_each_init(

@@ -51,7 +51,7 @@ pub fn split_rotated(
 
 /// [`split_rotated`] for values `T` and tables `C`; `rotate((x1, x2), (cos, sin))` gives the
 /// rotated pair.
-fn split<T: WithDType, C: WithDType>(
+fn split<T: WithDType + bytemuck::Zeroable, C: WithDType>(
     qkv: &Tensor,
     heads: [usize; 3],
     d: usize,
@@ -87,10 +87,11 @@ fn split<T: WithDType, C: WithDType>(
     let cos: &[C] = cpu_values(&cos_s, cos_layout, n * half)?;
     let sin: &[C] = cpu_values(&sin_s, sin_layout, n * half)?;
     let [wq, wk, wv] = widths;
-    let (mut q, mut k, mut v) = (
-        vec![T::zero(); n * wq],
-        vec![T::zero(); n * wk],
-        vec![T::zero(); n * wv],
+    // zeroed pages from the allocator: `vec![T::zero(); n]` of a bf16 writes every value first
+    let (mut q, mut k, mut v): (Vec<T>, Vec<T>, Vec<T>) = (
+        bytemuck::zeroed_vec(n * wq),
+        bytemuck::zeroed_vec(n * wk),
+        bytemuck::zeroed_vec(n * wv),
     );
     let lanes = lanes_for::<T, C>();
     let rotate_heads = |src: &[T], dst: &mut [T], cos: &[C], sin: &[C]| {

@@ -585,7 +585,7 @@ impl TextModel {
             TokenTable::OutputLayer => {
                 let hidden = self.cfg.hidden_size;
                 let tokens: Vec<u32> = ids.flatten_all()?.to_vec1()?;
-                let mut rows = vec![half::bf16::ZERO; tokens.len() * hidden];
+                let mut rows: Vec<half::bf16> = bytemuck::zeroed_vec(tokens.len() * hidden);
                 for (&token, row) in tokens.iter().zip(rows.chunks_exact_mut(hidden)) {
                     if token as usize >= self.cfg.vocab_size {
                         candle_core::bail!(
