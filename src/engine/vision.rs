@@ -9,7 +9,7 @@ use rayon::prelude::*;
 use super::attention;
 use super::config::VisionConfig;
 use super::layer_norm::LayerNorm;
-use super::linear::{Activation, Linear, WeightLayer};
+use super::linear::{self, Activation, Linear, WeightLayer};
 use super::profile;
 use super::rope_index::GridThw;
 use super::split_rope;
@@ -147,8 +147,7 @@ impl VisionBlock {
         let x = self.attn.forward_plus(&normed, x, cos, sin, frame_lens)?;
         let normed = profile::phase("vision.norm", device, || self.norm2.forward(&x))?;
         profile::phase("vision.mlp", device, || {
-            let h = self.fc1.forward_activated(&normed, Activation::QuickGelu)?;
-            self.fc2.forward_plus(&h, &x)
+            linear::mlp_plus(&self.fc1, Activation::QuickGelu, &self.fc2, &normed, &x)
         })
     }
 }
