@@ -212,21 +212,9 @@ impl Linear {
                 .copied()
                 .chain([w.n()])
                 .collect();
-            if residual.dims() != expected {
-                candle_core::bail!(
-                    "residual of shape {:?} for a layer output of shape {expected:?}",
-                    residual.dims()
-                );
-            }
-            let residual = residual.contiguous()?;
-            let (storage, layout) = residual.storage_and_layout();
-            let Storage::Cpu(CpuStorage::BF16(values)) = &*storage else {
-                candle_core::bail!("bf16 residual on a non-CPU device");
-            };
-            let r = &values[layout.start_offset()..layout.start_offset() + residual.elem_count()];
             let bias = bias.as_deref().map(|b| b.as_slice());
-            return packed_bf16_into(x, w, bias, 1, |offset, sums, out| {
-                vector_math::add_rounded_to_bf16(sums, &r[offset..offset + out.len()], out)
+            return with_residual(residual, &expected, |r| {
+                packed_bf16_into(x, w, bias, 1, residual_finish(r))
             });
         }
         #[cfg(feature = "cuda")]
@@ -265,77 +253,66 @@ pub fn mlp_plus(
         let rows = x.elem_count() / k.max(1);
         let mut dims = x.dims().to_vec();
         *dims.last_mut().expect("x has a last dim") = n;
-        if residual.dims() != dims {
-            candle_core::bail!(
-                "residual of shape {:?} for an MLP output of shape {dims:?}",
-                residual.dims()
-            );
-        }
-        let residual = residual.contiguous()?;
-        let (x_storage, x_layout) = x.storage_and_layout();
-        let (r_storage, r_layout) = residual.storage_and_layout();
-        let (Storage::Cpu(CpuStorage::BF16(xs)), Storage::Cpu(CpuStorage::BF16(rs))) =
-            (&*x_storage, &*r_storage)
-        else {
+        let (storage, layout) = x.storage_and_layout();
+        let Storage::Cpu(CpuStorage::BF16(xs)) = &*storage else {
             candle_core::bail!("packed bf16 MLP on a non-CPU input");
         };
-        let a = &xs[x_layout.start_offset()..x_layout.start_offset() + rows * k];
-        let r = &rs[r_layout.start_offset()..r_layout.start_offset() + rows * n];
-        // taken out while in use, as the sums (see `packed_bf16_into`)
-        let (mut sums, mut hidden_rows) = (SUMS.take(), HIDDEN.take());
-        let ld = hidden + 32;
-        if sums.len() < rows * hidden.max(n) {
-            sums.resize(rows * hidden.max(n), 0.0);
-        }
-        if hidden_rows.len() < rows * ld {
-            hidden_rows.resize(rows * ld, bf16::ZERO);
-        }
-        let h = SharedOut(hidden_rows.as_mut_ptr());
+        let a = &xs[layout.start_offset()..layout.start_offset() + rows * k];
         let (b1, b2) = (
             b1.as_deref().map(|b| b.as_slice()),
             b2.as_deref().map(|b| b.as_slice()),
         );
-        w1.matmul_bf16_then(
-            a,
-            rows,
-            k,
-            b1,
-            &mut sums[..rows * hidden],
-            hidden,
-            1,
-            |row, first, values| {
+        let shape = dims.clone();
+        return with_residual(residual, &shape, |r| {
+            // taken out while in use, as the sums
+            let mut hidden_rows = HIDDEN.take();
+            let ld = hidden + 32;
+            if hidden_rows.len() < rows * ld {
+                hidden_rows.resize(rows * ld, bf16::ZERO);
+            }
+            let h = SharedOut(hidden_rows.as_mut_ptr());
+            with_kept_sums(w1, a, (rows, k), b1, 1, |row, first, values| {
                 // SAFETY: each thread writes only its own columns of each row, inside the
                 // buffer (rows × ld, ld > hidden).
                 let out = unsafe { h.slice(row * ld + first, values.len()) };
                 activation.apply_to_bf16(values, out);
-            },
-        );
-        // every value is written by the product's rounding step before the length is set (as
-        // in `packed_bf16_into`)
-        let mut out: Vec<bf16> = Vec::with_capacity(rows * n);
-        let dst = SharedOut(out.spare_capacity_mut().as_mut_ptr().cast::<bf16>());
-        w2.matmul_bf16_then(
-            &hidden_rows[..rows * ld],
-            rows,
-            ld,
-            b2,
-            &mut sums[..rows * n],
-            n,
-            1,
-            |row, first, values| {
-                let offset = row * n + first;
-                // SAFETY: each thread finishes only its own columns of `out` (rows × n).
-                let out = unsafe { dst.slice(offset, values.len()) };
-                vector_math::add_rounded_to_bf16(values, &r[offset..offset + out.len()], out);
-            },
-        );
-        SUMS.set(sums);
-        HIDDEN.set(hidden_rows);
-        // SAFETY: the product finished every row of every thread's columns.
-        unsafe { out.set_len(rows * n) };
-        return Tensor::from_vec(out, dims, &Device::Cpu);
+            });
+            let a2 = &hidden_rows[..rows * ld];
+            let y = packed_bf16_rows(a2, (rows, ld), w2, b2, 1, dims, residual_finish(r));
+            HIDDEN.set(hidden_rows);
+            y
+        });
     }
     fc2.forward_plus(&fc1.forward_activated(x, activation)?, residual)
+}
+
+/// `f` on the values of a bf16 CPU `residual` of shape `dims` (an error naming both shapes
+/// otherwise).
+fn with_residual(
+    residual: &Tensor,
+    dims: &[usize],
+    f: impl FnOnce(&[bf16]) -> candle_core::Result<Tensor>,
+) -> candle_core::Result<Tensor> {
+    if residual.dims() != dims {
+        candle_core::bail!(
+            "residual of shape {:?} for an output of shape {dims:?}",
+            residual.dims()
+        );
+    }
+    let residual = residual.contiguous()?;
+    let (storage, layout) = residual.storage_and_layout();
+    let Storage::Cpu(CpuStorage::BF16(values)) = &*storage else {
+        candle_core::bail!("bf16 residual on a non-CPU device");
+    };
+    f(&values[layout.start_offset()..layout.start_offset() + residual.elem_count()])
+}
+
+/// The packed kernel's rounding step with a residual connection: the sums rounded, the residual
+/// added and rounded again (the bits of two separate bf16 ops).
+fn residual_finish(r: &[bf16]) -> impl Fn(usize, &[f32], &mut [bf16]) + Sync + '_ {
+    move |offset, sums, out| {
+        vector_math::add_rounded_to_bf16(sums, &r[offset..offset + out.len()], out)
+    }
 }
 
 /// A Q4_K weight on the CPU unpacked into the bf16 kernel's panels, each row dequantized from
@@ -712,7 +689,7 @@ fn packed_bf16_into(
     group: usize,
     finish: impl Fn(usize, &[f32], &mut [bf16]) + Sync,
 ) -> candle_core::Result<Tensor> {
-    let (n, k) = (w.n(), w.k());
+    let k = w.k();
     if x.dtype() != DType::BF16 || x.dim(candle_core::D::Minus1)? != k {
         candle_core::bail!(
             "packed bf16 layer of {k} inputs got a {:?} input of shape {:?}",
@@ -720,20 +697,55 @@ fn packed_bf16_into(
             x.dims()
         );
     }
-    let width = n / group;
     let x = x.contiguous()?;
     let rows = x.elem_count() / k.max(1);
     let mut dims = x.dims().to_vec();
-    *dims.last_mut().expect("x has a last dim") = width;
+    *dims.last_mut().expect("x has a last dim") = w.n() / group;
     let (storage, layout) = x.storage_and_layout();
     let Storage::Cpu(CpuStorage::BF16(values)) = &*storage else {
         candle_core::bail!("packed bf16 layer on a non-CPU input");
     };
     let a = &values[layout.start_offset()..layout.start_offset() + rows * k];
+    packed_bf16_rows(a, (rows, k), w, bias, group, dims, finish)
+}
+
+/// [`packed_bf16_into`] on `rows` rows of bf16 values `lda` apart, the output shaped `dims`.
+fn packed_bf16_rows(
+    a: &[bf16],
+    (rows, lda): (usize, usize),
+    w: &PackedWeight,
+    bias: Option<&[f32]>,
+    group: usize,
+    dims: Vec<usize>,
+    finish: impl Fn(usize, &[f32], &mut [bf16]) + Sync,
+) -> candle_core::Result<Tensor> {
+    let width = w.n() / group;
     // not zeroed first (12 MB for the vision MLP's hidden layer at 640×360): `finish` writes
     // every value, each thread its own columns of every row, before the length is set
     let mut out: Vec<bf16> = Vec::with_capacity(rows * width);
     let dst = SharedOut(out.spare_capacity_mut().as_mut_ptr().cast::<bf16>());
+    with_kept_sums(w, a, (rows, lda), bias, group, |row, first, values| {
+        // SAFETY: each thread finishes only its own columns of `out` (rows × width).
+        let offset = row * width + first / group;
+        let out = unsafe { dst.slice(offset, values.len() / group) };
+        finish(offset, values, out);
+    });
+    // SAFETY: the product called `finish` on every row of every thread's columns, which wrote
+    // all `rows × width` values (see `PackedWeight::matmul_bf16_then`).
+    unsafe { out.set_len(rows * width) };
+    Tensor::from_vec(out, dims, &Device::Cpu)
+}
+
+/// `PackedWeight::matmul_bf16_then` with this thread's kept sums as its working space.
+fn with_kept_sums(
+    w: &PackedWeight,
+    a: &[bf16],
+    (rows, lda): (usize, usize),
+    bias: Option<&[f32]>,
+    group: usize,
+    finish: impl Fn(usize, usize, &[f32]) + Sync,
+) {
+    let n = w.n();
     // taken out while in use: a rayon thread waiting for this product's threads may run
     // another product meanwhile (another model's, or a nested one), which then gets a fresh one
     let mut sums = SUMS.take();
@@ -741,26 +753,8 @@ fn packed_bf16_into(
     if sums.len() < rows * n {
         sums.resize(rows * n, 0.0);
     }
-    w.matmul_bf16_then(
-        a,
-        rows,
-        k,
-        bias,
-        &mut sums[..rows * n],
-        n,
-        group,
-        |row, first, values| {
-            // SAFETY: each thread finishes only its own columns of `out` (rows × width).
-            let offset = row * width + first / group;
-            let out = unsafe { dst.slice(offset, values.len() / group) };
-            finish(offset, values, out);
-        },
-    );
+    w.matmul_bf16_then(a, rows, lda, bias, &mut sums[..rows * n], n, group, finish);
     SUMS.set(sums);
-    // SAFETY: the product called `finish` on every row of every thread's columns, which wrote
-    // all `rows × width` values (see `PackedWeight::matmul_bf16_then`).
-    unsafe { out.set_len(rows * width) };
-    Tensor::from_vec(out, dims, &Device::Cpu)
 }
 
 thread_local! {
