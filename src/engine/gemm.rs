@@ -1565,6 +1565,10 @@ mod tests {
             // a block row left over, in one pass and in two
             (150, 32 * 5, 1024),
             (130, 96, 3100),
+            // an odd number of block rows (of 32, then of 64) in each of two groups of panels,
+            // rows left over
+            (100, 32 * 20, 1024),
+            (200, 32 * 20, 1024),
         ];
         for (m, n, k) in shapes {
             let bf = |v: Vec<f32>| -> Vec<bf16> { v.iter().map(|&x| bf16::from_f32(x)).collect() };

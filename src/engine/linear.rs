@@ -1124,6 +1124,83 @@ mod tests {
         );
     }
 
+    /// The decoder MLP (the gated gate/up layer, then down plus the residual) of the 2B shapes
+    /// at a 640×360 and a 1280×720 prompt's rows, as run and as bare products: what the gate's
+    /// epilogue and the tensors around the products cost
+    /// (`cargo test --release --lib text_mlp_rate -- --ignored --nocapture`).
+    #[test]
+    #[ignore = "a measurement, not a check"]
+    fn text_mlp_rate() {
+        if !Kernel::detect().is_some_and(Kernel::has_bf16) {
+            return;
+        }
+        let (dim, hidden) = (1536, 8960);
+        // (not `Tensor::arange` in f32: past 2^24 its steps stop adding, and it never ends)
+        let weight = |n: usize, k: usize, seed: f32| {
+            let values: Vec<bf16> = (0..n * k)
+                .map(|i| bf16::from_f32((i as f32 * seed / (n * k) as f32).sin() * 0.05))
+                .collect();
+            Tensor::from_vec(values, (n, k), &Device::Cpu).unwrap()
+        };
+        let mut gate_up = GatedLinear {
+            fused: Linear::new(weight(2 * hidden, dim, 5.0), None),
+            width: hidden,
+        };
+        gate_up.pack_for_cpu().unwrap();
+        let mut down = Linear::new(weight(dim, hidden, 3.0), None);
+        down.pack_for_cpu().unwrap();
+        let (Weight::PackedBf16(w1, _), Weight::PackedBf16(w2, _)) =
+            (&gate_up.fused.weight, &down.weight)
+        else {
+            panic!("packed");
+        };
+        let best = |run: &mut dyn FnMut()| {
+            (0..5)
+                .map(|_| {
+                    let t = std::time::Instant::now();
+                    run();
+                    t.elapsed().as_secs_f64()
+                })
+                .fold(f64::MAX, f64::min)
+        };
+        for m in [331, 1228] {
+            let x = normal((m, dim), 1.0, 17).to_dtype(DType::BF16).unwrap();
+            let model = best(&mut || {
+                let h = gate_up.forward(&x).unwrap();
+                down.forward_plus(&h, &x).unwrap();
+            });
+            let gated = best(&mut || {
+                gate_up.forward(&x).unwrap();
+            });
+            let a1: Vec<bf16> = x.flatten_all().unwrap().to_vec1().unwrap();
+            let a2: Vec<bf16> = gate_up
+                .forward(&x)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let (mut c1, mut c2) = (vec![0f32; m * 2 * hidden], vec![0f32; m * dim]);
+            let bare_gate_up = best(&mut || {
+                w1.matmul_bf16_then(&a1, m, dim, None, &mut c1, 2 * hidden, 2, |_, _, _| {});
+            });
+            let bare_down = best(&mut || {
+                w2.matmul_bf16_then(&a2, m, hidden, None, &mut c2, dim, 1, |_, _, _| {});
+            });
+            let gflop = 6.0 * (m * dim * hidden) as f64 / 1e9;
+            let rate = |s: f64, share: f64| {
+                format!("{:.2} ms ({:.0} GFLOP/s)", s * 1e3, share * gflop / s)
+            };
+            eprintln!(
+                "text MLP {m} rows: as run {}, gate_up as a layer {}, bare gate_up {}, bare down {}",
+                rate(model, 1.0),
+                rate(gated, 2.0 / 3.0),
+                rate(bare_gate_up, 2.0 / 3.0),
+                rate(bare_down, 1.0 / 3.0)
+            );
+        }
+    }
+
     /// The vision tower's MLP at 640×360 and 1280×720 (1,196 and 4,784 patches) as the model
     /// runs it ([`mlp_plus`]), as two layers (fc1 with its QuickGELU, then fc2 with its
     /// residual), and the same two products with nothing done to their sums: what the
