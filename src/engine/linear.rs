@@ -454,6 +454,15 @@ impl Linear {
         matches!(self.weight, Weight::PackedBf16(..))
     }
 
+    /// The packed bf16 weight and its f32 bias, where the layer is packed for the CPU kernel:
+    /// for callers that run the product with their own epilogue ([`with_kept_sums`]).
+    pub fn packed_bf16_parts(&self) -> Option<(&PackedWeight, Option<&[f32]>)> {
+        match &self.weight {
+            Weight::PackedBf16(w, bias) => Some((w, bias.as_deref().map(|b| b.as_slice()))),
+            _ => None,
+        }
+    }
+
     /// Row `r` of the weight (`in` values) in bf16, from packed weights (the embedding lookup of
     /// a tied output layer held packed only).
     pub fn row_bf16(&self, r: usize, out: &mut [bf16]) -> candle_core::Result<()> {
@@ -737,7 +746,7 @@ fn packed_bf16_rows(
 }
 
 /// `PackedWeight::matmul_bf16_then` with this thread's kept sums as its working space.
-fn with_kept_sums(
+pub(super) fn with_kept_sums(
     w: &PackedWeight,
     a: &[bf16],
     (rows, lda): (usize, usize),

@@ -12,6 +12,120 @@ use candle_core::{DType, Device, Layout, Result, Storage, Tensor, WithDType};
 use half::bf16;
 use rayon::prelude::*;
 
+use super::gemm::SharedOut;
+use super::linear::{self, Linear};
+use super::vector_math;
+
+thread_local! {
+    /// One row's share of a projection rounded to bf16, before its rotation
+    /// ([`projected_split_rotated`]).
+    static ROUNDED: std::cell::RefCell<Vec<bf16>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// [`split_rotated`] of `qkv.forward(x)` (bf16 values, f32 tables, the vision tower) in the
+/// product's own epilogue, where the layer is packed for the CPU's bf16 kernel: each thread
+/// rounds its sums of a row to bf16 as the layer would, rotates them and writes q, k and v,
+/// so the stacked projection is never a tensor and no second pass reads it. The same bits as
+/// the two steps. Its threads take whole heads: groups of panels as wide as a multiple of
+/// `head_dim`. `None` where the layer, the input or the tables do not fit this path.
+pub fn projected_split_rotated(
+    qkv: &Linear,
+    x: &Tensor,
+    heads: [usize; 3],
+    head_dim: usize,
+    cos: &Tensor,
+    sin: &Tensor,
+) -> Result<Option<(Tensor, Tensor, Tensor)>> {
+    let Some((w, bias)) = qkv.packed_bf16_parts() else {
+        return Ok(None);
+    };
+    let d = head_dim;
+    let widths = heads.map(|h| h * d);
+    let width: usize = widths.iter().sum();
+    let fits = x.dtype() == DType::BF16
+        && x.device().is_cpu()
+        && cos.dtype() == DType::F32
+        && sin.dtype() == DType::F32
+        && d > 0
+        && d.is_multiple_of(2)
+        && w.n() == width
+        && x.dims().last() == Some(&w.k());
+    if !fits {
+        return Ok(None);
+    }
+    let (k, half) = (w.k(), d / 2);
+    let x = x.contiguous()?;
+    let n = x.elem_count() / k.max(1);
+    if cos.dims() != [n, half] || sin.dims() != [n, half] {
+        candle_core::bail!(
+            "rope: {n} rows for heads of {d} with cos {:?} and sin {:?}",
+            cos.dims(),
+            sin.dims()
+        );
+    }
+    let (cos, sin) = (cos.contiguous()?, sin.contiguous()?);
+    let ((x_s, x_layout), (cos_s, cos_layout), (sin_s, sin_layout)) = (
+        x.storage_and_layout(),
+        cos.storage_and_layout(),
+        sin.storage_and_layout(),
+    );
+    let a: &[bf16] = cpu_values(&x_s, x_layout, n * k)?;
+    let cos: &[f32] = cpu_values(&cos_s, cos_layout, n * half)?;
+    let sin: &[f32] = cpu_values(&sin_s, sin_layout, n * half)?;
+    // panels per group: the fewest whose columns are whole heads
+    let lcm = d / gcd(d, 32) * 32;
+    let group = lcm / 32;
+    let mut outs: [Vec<bf16>; 3] = widths.map(|w| Vec::with_capacity(n * w));
+    let dst = outs
+        .each_mut()
+        .map(|o| SharedOut(o.spare_capacity_mut().as_mut_ptr().cast::<bf16>()));
+    // columns where q, k and v start
+    let starts = [0, widths[0], widths[0] + widths[1], width];
+    linear::with_kept_sums(w, a, (n, k), bias, group, |row, first, sums| {
+        ROUNDED.with_borrow_mut(|rounded| {
+            rounded.resize(sums.len(), bf16::ZERO);
+            vector_math::round_to_bf16(sums, 1.0, rounded);
+            let (cos, sin) = (
+                &cos[row * half..(row + 1) * half],
+                &sin[row * half..(row + 1) * half],
+            );
+            let cols = first..first + sums.len();
+            for part in 0..3 {
+                let (c0, c1) = (cols.start.max(starts[part]), cols.end.min(starts[part + 1]));
+                if c0 >= c1 {
+                    continue;
+                }
+                let src = &rounded[c0 - first..c1 - first];
+                // SAFETY: each thread writes only its own columns (whole heads) of each row of
+                // its part, inside `n` rows of `widths[part]`.
+                let out =
+                    unsafe { dst[part].slice(row * widths[part] + c0 - starts[part], c1 - c0) };
+                if part < 2 {
+                    rotate_bf16_heads(src, out, d, cos, sin);
+                } else {
+                    out.copy_from_slice(src);
+                }
+            }
+        });
+    });
+    // SAFETY: the product handed every row of every thread's columns to the epilogue above,
+    // which wrote all `n × widths[part]` values of each part.
+    for (out, w) in outs.iter_mut().zip(widths) {
+        unsafe { out.set_len(n * w) };
+    }
+    let [q, kk, v] = outs;
+    let [hq, hk, hv] = heads;
+    Ok(Some((
+        Tensor::from_vec(q, (n, hq, d), &Device::Cpu)?,
+        Tensor::from_vec(kk, (n, hk, d), &Device::Cpu)?,
+        Tensor::from_vec(v, (n, hv, d), &Device::Cpu)?,
+    )))
+}
+
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 { a } else { gcd(b, a % b) }
+}
+
 /// Rotated q and k and a copy of v, `(n, heads[i], head_dim)` each, from `qkv` `(.., width)` with
 /// `width = (heads[0] + heads[1] + heads[2]) · head_dim` (q heads, then k, then v) and tables
 /// `cos`/`sin` `(n, head_dim / 2)`. `None` where this pass does not apply (another device, or
@@ -27,14 +141,9 @@ pub fn split_rotated(
         return Ok(None);
     }
     match (qkv.dtype(), cos.dtype()) {
-        (DType::BF16, DType::F32) => split::<bf16, f32>(qkv, heads, head_dim, cos, sin, |x, c| {
-            // the expressions of candle's `rope_thd` in f32, so the bits match it
-            let (x1, x2) = (x.0.to_f32(), x.1.to_f32());
-            (
-                bf16::from_f32(x1 * c.0 - x2 * c.1),
-                bf16::from_f32(x1 * c.1 + x2 * c.0),
-            )
-        }),
+        (DType::BF16, DType::F32) => {
+            split::<bf16, f32>(qkv, heads, head_dim, cos, sin, rotate_bf16_f32)
+        }
         (DType::BF16, DType::BF16) => {
             split::<bf16, bf16>(qkv, heads, head_dim, cos, sin, |x, c| {
                 // bf16 ops, each rounded: what candle's `rope_thd` does on bf16
@@ -47,6 +156,54 @@ pub fn split_rotated(
         _ => return Ok(None),
     }
     .map(Some)
+}
+
+/// One pair of bf16 values rotated with f32 `(cos, sin)`: the expressions of candle's `rope_thd`
+/// in f32, so the bits match it.
+fn rotate_bf16_f32(x: (bf16, bf16), c: (f32, f32)) -> (bf16, bf16) {
+    let (x1, x2) = (x.0.to_f32(), x.1.to_f32());
+    (
+        bf16::from_f32(x1 * c.0 - x2 * c.1),
+        bf16::from_f32(x1 * c.1 + x2 * c.0),
+    )
+}
+
+/// Whole heads of `d` bf16 values from `src` rotated into `dst` (as long) with one position's
+/// f32 tables (`d / 2` each), with the bits of [`split_rotated`]'s vision-tower arithmetic.
+pub fn rotate_bf16_heads(src: &[bf16], dst: &mut [bf16], d: usize, cos: &[f32], sin: &[f32]) {
+    let half = d / 2;
+    assert!(
+        d.is_multiple_of(2)
+            && src.len().is_multiple_of(d)
+            && dst.len() == src.len()
+            && cos.len() >= half
+            && sin.len() >= half,
+        "rope: {} values into {} for heads of {d} with tables of {} and {}",
+        src.len(),
+        dst.len(),
+        cos.len(),
+        sin.len()
+    );
+    if let Some(rotate_lanes) = lanes_for::<bf16, f32>() {
+        // SAFETY: `lanes_for` checked the CPU; the lengths were checked above.
+        return unsafe {
+            rotate_lanes(
+                src.as_ptr(),
+                dst.as_mut_ptr(),
+                src.len(),
+                d,
+                cos.as_ptr(),
+                sin.as_ptr(),
+            )
+        };
+    }
+    for (src, dst) in src.chunks_exact(d).zip(dst.chunks_exact_mut(d)) {
+        let (x1, x2) = src.split_at(half);
+        let (d1, d2) = dst.split_at_mut(half);
+        for i in 0..half {
+            (d1[i], d2[i]) = rotate_bf16_f32((x1[i], x2[i]), (cos[i], sin[i]));
+        }
+    }
 }
 
 /// [`split_rotated`] for values `T` and tables `C`; `rotate((x1, x2), (cos, sin))` gives the
@@ -281,6 +438,54 @@ mod tests {
             assert_eq!(bits(&q), bits(&want_q), "q, {case}");
             assert_eq!(bits(&k), bits(&want_k), "k, {case}");
             assert_eq!(bits(&v), bits(&part(hq + hk, hv)), "v, {case}");
+        }
+    }
+
+    #[test]
+    fn the_projection_rotated_in_its_epilogue_gives_the_bits_of_the_two_steps() {
+        use crate::engine::linear::WeightLayer;
+        use candle_core::Module;
+        // (rows, heads, head size): the vision tower's head size (five panels per group of
+        // whole heads), one that is a power of two (two panels), one that is neither; rows in
+        // whole AMX blocks, in macro blocks with a tail, and fewer than a block
+        let cases = [
+            (300, 2, 80),
+            (70, 2, 80),
+            (20, 2, 80),
+            (130, 3, 64),
+            (100, 4, 40),
+        ];
+        for (n, h, d) in cases {
+            let (width, k) = (3 * h * d, 96);
+            let random = |shape: (usize, usize), std: f32| {
+                Tensor::randn(0f32, std, shape, &Device::Cpu).unwrap()
+            };
+            let weight = random((width, k), 0.2).to_dtype(DType::BF16).unwrap();
+            let bias = random((1, width), 1.0).squeeze(0).unwrap();
+            let mut layer = Linear::new(weight, Some(bias.to_dtype(DType::BF16).unwrap()));
+            layer.pack_for_cpu().unwrap();
+            let x = random((n, k), 1.0).to_dtype(DType::BF16).unwrap();
+            let angles = random((n, d / 2), 3.0);
+            let (cos, sin) = (angles.cos().unwrap(), angles.sin().unwrap());
+            let heads = [h; 3];
+            let Some((q, kk, v)) =
+                projected_split_rotated(&layer, &x, heads, d, &cos, &sin).unwrap()
+            else {
+                assert!(
+                    !layer.is_packed(),
+                    "a packed layer must take the fused path"
+                );
+                eprintln!("no packed bf16 kernel on this CPU: the fused path is not used here");
+                return;
+            };
+            let y = layer.forward(&x).unwrap();
+            let (want_q, want_k, want_v) =
+                split_rotated(&y, heads, d, &cos, &sin).unwrap().unwrap();
+            let case = format!("{n} rows, {h} heads of {d}");
+            assert_eq!(q.dims(), &[n, h, d], "{case}");
+            assert_eq!(bits(&q), bits(&want_q), "q, {case}");
+            assert_eq!(bits(&kk), bits(&want_k), "k, {case}");
+            assert_eq!(bits(&v), bits(&want_v), "v, {case}");
         }
     }
 

@@ -81,6 +81,36 @@ impl VisionAttention {
                 self.proj.forward_plus(&out.reshape((n, dim))?, residual)
             });
         }
+        let heads = [self.num_heads; 3];
+        // On the CPU's packed kernel the rotation is the projection's epilogue (its profile
+        // phase is then `qkv`, which includes it).
+        let fused = profile::phase("vision.attention.qkv", device, || {
+            split_rope::projected_split_rotated(&self.qkv, x, heads, self.head_dim, cos, sin)
+        })?;
+        let (q, k, v) = match fused {
+            Some(qkv) => qkv,
+            None => self.split_rotated(x, cos, sin)?,
+        };
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let out = profile::phase("vision.attention.attend", device, || {
+            attention::block_diagonal(&q, &k, &v, frame_lens, scale)
+        })?;
+        let out = out.reshape((n, dim))?;
+        profile::phase("vision.attention.proj", device, || {
+            self.proj.forward_plus(&out, residual)
+        })
+    }
+
+    /// q, k and v of `x` (`(n, heads, head_dim)` each) with q and k rotated, as two steps: the
+    /// projection, then the rotation.
+    fn split_rotated(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+    ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+        let (n, dim) = x.dims2()?;
+        let device = x.device();
         let qkv = profile::phase("vision.attention.qkv", device, || self.qkv.forward(x))?
             .reshape((n, 3, self.num_heads, self.head_dim))?;
         // Rotary embeddings are applied in f32 and rounded back to the model's dtype, as the
@@ -91,25 +121,17 @@ impl VisionAttention {
                 .squeeze(0)?
                 .to_dtype(x.dtype())
         };
-        let (q, k, v) = profile::phase("vision.attention.rope", device, || {
+        profile::phase("vision.attention.rope", device, || {
             let heads = [self.num_heads; 3];
             let flat = qkv.reshape((n, 3 * dim))?;
             if let Some(qkv) = split_rope::split_rotated(&flat, heads, self.head_dim, cos, sin)? {
                 return Ok(qkv);
             }
-            Ok::<_, candle_core::Error>((
+            Ok((
                 rotate(qkv.i((.., 0))?)?,
                 rotate(qkv.i((.., 1))?)?,
                 qkv.i((.., 2))?.contiguous()?,
             ))
-        })?;
-        let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let out = profile::phase("vision.attention.attend", device, || {
-            attention::block_diagonal(&q, &k, &v, frame_lens, scale)
-        })?;
-        let out = out.reshape((n, dim))?;
-        profile::phase("vision.attention.proj", device, || {
-            self.proj.forward_plus(&out, residual)
         })
     }
 }
