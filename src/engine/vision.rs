@@ -84,9 +84,12 @@ impl VisionAttention {
         let heads = [self.num_heads; 3];
         // On the CPU's packed kernel the rotation is the projection's epilogue (its profile
         // phase is then `qkv`, which includes it).
-        let fused = profile::phase("vision.attention.qkv", device, || {
-            split_rope::projected_split_rotated(&self.qkv, x, heads, self.head_dim, cos, sin)
-        })?;
+        let fused = match self.qkv.is_packed() {
+            true => profile::phase("vision.attention.qkv", device, || {
+                split_rope::projected_split_rotated(&self.qkv, x, heads, self.head_dim, cos, sin)
+            })?,
+            false => None,
+        };
         let (q, k, v) = match fused {
             Some(qkv) => qkv,
             None => self.split_rotated(x, cos, sin)?,
