@@ -249,38 +249,31 @@ pub fn mlp_plus(
         && x.dim(candle_core::D::Minus1)? == w1.k()
     {
         let (k, hidden, n) = (w1.k(), w1.n(), w2.n());
-        let x = x.contiguous()?;
-        let rows = x.elem_count() / k.max(1);
-        let mut dims = x.dims().to_vec();
-        *dims.last_mut().expect("x has a last dim") = n;
-        let (storage, layout) = x.storage_and_layout();
-        let Storage::Cpu(CpuStorage::BF16(xs)) = &*storage else {
-            candle_core::bail!("packed bf16 MLP on a non-CPU input");
-        };
-        let a = &xs[layout.start_offset()..layout.start_offset() + rows * k];
         let (b1, b2) = (
             b1.as_deref().map(|b| b.as_slice()),
             b2.as_deref().map(|b| b.as_slice()),
         );
-        let shape = dims.clone();
-        return with_residual(residual, &shape, |r| {
-            // taken out while in use, as the sums
-            let mut hidden_rows = HIDDEN.take();
-            let ld = hidden + 32;
-            if hidden_rows.len() < rows * ld {
-                hidden_rows.resize(rows * ld, bf16::ZERO);
-            }
-            let h = SharedOut(hidden_rows.as_mut_ptr());
-            with_kept_sums(w1, a, (rows, k), b1, 1, |row, first, values| {
-                // SAFETY: each thread writes only its own columns of each row, inside the
-                // buffer (rows × ld, ld > hidden).
-                let out = unsafe { h.slice(row * ld + first, values.len()) };
-                activation.apply_to_bf16(values, out);
-            });
-            let a2 = &hidden_rows[..rows * ld];
-            let y = packed_bf16_rows(a2, (rows, ld), w2, b2, 1, dims, residual_finish(r));
-            HIDDEN.set(hidden_rows);
-            y
+        return with_bf16_rows(x, k, n, "packed bf16 MLP", |a, rows, dims| {
+            let shape = dims.clone();
+            with_residual(residual, &shape, |r| {
+                // taken out while in use, as the sums
+                let mut hidden_rows = HIDDEN.take();
+                let ld = hidden + 32;
+                if hidden_rows.len() < rows * ld {
+                    hidden_rows.resize(rows * ld, bf16::ZERO);
+                }
+                let h = SharedOut(hidden_rows.as_mut_ptr());
+                with_kept_sums(w1, a, (rows, k), b1, 1, |row, first, values| {
+                    // SAFETY: each thread writes only its own columns of each row, inside the
+                    // buffer (rows × ld, ld > hidden).
+                    let out = unsafe { h.slice(row * ld + first, values.len()) };
+                    activation.apply_to_bf16(values, out);
+                });
+                let a2 = &hidden_rows[..rows * ld];
+                let y = packed_bf16_rows(a2, (rows, ld), w2, b2, 1, dims, residual_finish(r));
+                HIDDEN.set(hidden_rows);
+                y
+            })
         });
     }
     fc2.forward_plus(&fc1.forward_activated(x, activation)?, residual)
@@ -706,16 +699,34 @@ fn packed_bf16_into(
             x.dims()
         );
     }
+    with_bf16_rows(x, k, w.n() / group, "packed bf16 layer", |a, rows, dims| {
+        packed_bf16_rows(a, (rows, k), w, bias, group, dims, finish)
+    })
+}
+
+/// `f(values, rows, dims)` on the rows of `k` values of a bf16 CPU tensor `x` (made contiguous),
+/// with `dims` its shape with the last dimension `out_width`: the input side of the packed
+/// products. `what` names the product in the error for a non-CPU input.
+pub(super) fn with_bf16_rows<R>(
+    x: &Tensor,
+    k: usize,
+    out_width: usize,
+    what: &str,
+    f: impl FnOnce(&[bf16], usize, Vec<usize>) -> candle_core::Result<R>,
+) -> candle_core::Result<R> {
     let x = x.contiguous()?;
     let rows = x.elem_count() / k.max(1);
     let mut dims = x.dims().to_vec();
-    *dims.last_mut().expect("x has a last dim") = w.n() / group;
+    *dims.last_mut().expect("x has a last dim") = out_width;
     let (storage, layout) = x.storage_and_layout();
     let Storage::Cpu(CpuStorage::BF16(values)) = &*storage else {
-        candle_core::bail!("packed bf16 layer on a non-CPU input");
+        candle_core::bail!("{what} on a non-CPU input");
     };
-    let a = &values[layout.start_offset()..layout.start_offset() + rows * k];
-    packed_bf16_rows(a, (rows, k), w, bias, group, dims, finish)
+    f(
+        &values[layout.start_offset()..layout.start_offset() + rows * k],
+        rows,
+        dims,
+    )
 }
 
 /// [`packed_bf16_into`] on `rows` rows of bf16 values `lda` apart, the output shaped `dims`.

@@ -12,7 +12,7 @@ use candle_core::{DType, Device, Layout, Result, Storage, Tensor, WithDType};
 use half::bf16;
 use rayon::prelude::*;
 
-use super::gemm::SharedOut;
+use super::gemm::{PackedWeight, SharedOut};
 use super::linear::{self, Linear};
 use super::vector_math;
 
@@ -54,24 +54,34 @@ pub fn projected_split_rotated(
         return Ok(None);
     }
     let (k, half) = (w.k(), d / 2);
-    let x = x.contiguous()?;
-    let n = x.elem_count() / k.max(1);
-    if cos.dims() != [n, half] || sin.dims() != [n, half] {
-        candle_core::bail!(
-            "rope: {n} rows for heads of {d} with cos {:?} and sin {:?}",
-            cos.dims(),
-            sin.dims()
-        );
-    }
-    let (cos, sin) = (cos.contiguous()?, sin.contiguous()?);
-    let ((x_s, x_layout), (cos_s, cos_layout), (sin_s, sin_layout)) = (
-        x.storage_and_layout(),
-        cos.storage_and_layout(),
-        sin.storage_and_layout(),
-    );
-    let a: &[bf16] = cpu_values(&x_s, x_layout, n * k)?;
-    let cos: &[f32] = cpu_values(&cos_s, cos_layout, n * half)?;
-    let sin: &[f32] = cpu_values(&sin_s, sin_layout, n * half)?;
+    linear::with_bf16_rows(x, k, width, "rope projection", |a, n, _| {
+        if cos.dims() != [n, half] || sin.dims() != [n, half] {
+            candle_core::bail!(
+                "rope: {n} rows for heads of {d} with cos {:?} and sin {:?}",
+                cos.dims(),
+                sin.dims()
+            );
+        }
+        let (cos, sin) = (cos.contiguous()?, sin.contiguous()?);
+        let ((cos_s, cos_layout), (sin_s, sin_layout)) =
+            (cos.storage_and_layout(), sin.storage_and_layout());
+        let cos: &[f32] = cpu_values(&cos_s, cos_layout, n * half)?;
+        let sin: &[f32] = cpu_values(&sin_s, sin_layout, n * half)?;
+        rotated_in_epilogue((w, bias), (a, n), heads, d, (cos, sin)).map(Some)
+    })
+}
+
+/// [`projected_split_rotated`] on `n` rows of bf16 input `a` and the tables' values.
+fn rotated_in_epilogue(
+    (w, bias): (&PackedWeight, Option<&[f32]>),
+    (a, n): (&[bf16], usize),
+    heads: [usize; 3],
+    d: usize,
+    (cos, sin): (&[f32], &[f32]),
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let (k, half) = (w.k(), d / 2);
+    let widths = heads.map(|h| h * d);
+    let width: usize = widths.iter().sum();
     // panels per group: the fewest whose columns are whole heads
     let lcm = d / gcd(d, 32) * 32;
     let group = lcm / 32;
@@ -115,11 +125,11 @@ pub fn projected_split_rotated(
     }
     let [q, kk, v] = outs;
     let [hq, hk, hv] = heads;
-    Ok(Some((
+    Ok((
         Tensor::from_vec(q, (n, hq, d), &Device::Cpu)?,
         Tensor::from_vec(kk, (n, hk, d), &Device::Cpu)?,
         Tensor::from_vec(v, (n, hv, d), &Device::Cpu)?,
-    )))
+    ))
 }
 
 fn gcd(a: usize, b: usize) -> usize {
