@@ -75,6 +75,36 @@ pub type BlockFn = unsafe fn(*const u16, usize, *const u16, usize, *mut f32, usi
 /// bias, 32 values).
 pub use arch::block;
 
+/// [`block`] on 16 rows (one tile of A, two of C): `C[16 × 32] = start + A[16 × 2·pairs] · panel`,
+/// half the multiplies, for the last rows of a product when at most 16 are left (a 331-token
+/// prompt's 11, a 1280×720 screenshot's 4,784 patches' 16). Rows 16–31 of C are not touched.
+///
+/// # Safety
+/// As [`block`], with 16 rows of A and C.
+pub use arch::half_block;
+
+/// The block functions a product runs: the tiles', or in tests their models.
+#[derive(Clone, Copy)]
+pub struct Blocks {
+    /// 32 rows ([`block`]).
+    pub full: BlockFn,
+    /// 16 rows ([`half_block`]).
+    pub half: BlockFn,
+}
+
+/// [`block`] and [`half_block`].
+pub const TILES: Blocks = Blocks {
+    full: block,
+    half: half_block,
+};
+
+/// [`model_block`] and [`model_half_block`].
+#[cfg(test)]
+pub const MODELS: Blocks = Blocks {
+    full: model_block,
+    half: model_half_block,
+};
+
 /// [`block`] in plain Rust, in `TDPBF16PS`'s order (per row, per pair, both products added to
 /// the f32 sum), for testing the code around the tiles on machines without AMX.
 ///
@@ -90,8 +120,46 @@ pub unsafe fn model_block(
     ldc: usize,
     start: Start,
 ) {
+    // SAFETY: the caller's contract, for 32 rows.
+    unsafe { model_rows(BLOCK, a, lda, panel, pairs, c, ldc, start) }
+}
+
+/// [`half_block`] in plain Rust (see [`model_block`]).
+///
+/// # Safety
+/// As [`half_block`], without the tiles.
+#[cfg(test)]
+pub unsafe fn model_half_block(
+    a: *const u16,
+    lda: usize,
+    panel: *const u16,
+    pairs: usize,
+    c: *mut f32,
+    ldc: usize,
+    start: Start,
+) {
+    // SAFETY: the caller's contract, for 16 rows.
+    unsafe { model_rows(BLOCK / 2, a, lda, panel, pairs, c, ldc, start) }
+}
+
+/// The first `rows` rows of [`model_block`].
+///
+/// # Safety
+/// As [`block`], for `rows` rows, without the tiles.
+#[cfg(test)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn model_rows(
+    rows: usize,
+    a: *const u16,
+    lda: usize,
+    panel: *const u16,
+    pairs: usize,
+    c: *mut f32,
+    ldc: usize,
+    start: Start,
+) {
     let f = |bits: u16| f32::from_bits((bits as u32) << 16);
-    for i in 0..BLOCK {
+    for i in 0..rows {
         for j in 0..PANEL {
             // SAFETY: the caller's contract on A, the panel and C.
             unsafe {
@@ -151,8 +219,8 @@ fn probe() -> Result<(), String> {
     }
     arch::supported()?;
     let test = SelfTest::new();
-    arch::in_child(|| test.run(block, true))?;
-    test.run(block, true)
+    arch::in_child(|| test.run(TILES, true))?;
+    test.run(TILES, true)
 }
 
 /// A 32 × 32 product over 48 pairs (three steps) from each start, against sums in f64.
@@ -199,32 +267,52 @@ impl SelfTest {
 
     /// Zero, bias and accumulate starts, each compared with the exact sums.
     /// `block` is [`block`] (`tiles`: run inside [`with_tiles`]), or in tests its model.
-    fn run(&self, block: BlockFn, tiles: bool) -> Result<(), String> {
-        let mut c = vec![f32::NAN; BLOCK * PANEL];
-        let product = |c: &mut [f32], start| {
-            let (a, panel) = (self.a.as_ptr(), self.panel.as_ptr());
-            // SAFETY: `supported` passed (or `block` is the model); A holds 32 rows of
-            // LDA ≥ 2·PAIRS, the panel PAIRS pairs, C 32 × 32 values and the bias 32.
-            unsafe {
-                let c = c.as_mut_ptr();
-                let run = || block(a, Self::LDA, panel, Self::PAIRS, c, PANEL, start);
-                if tiles { with_tiles(run) } else { run() }
-            }
-        };
-        product(&mut c, Start::Zero);
-        self.check(&c, 0.0, 1.0, "zero")?;
-        product(&mut c, Start::Bias(&self.bias));
-        self.check(&c, 1.0, 1.0, "bias")?;
-        product(&mut c, Start::Accumulate);
-        self.check(&c, 1.0, 2.0, "accumulate")
+    /// The full block, then the half block, which must leave rows 16–31 of C as they were.
+    fn run(&self, blocks: Blocks, tiles: bool) -> Result<(), String> {
+        for (block, rows) in [(blocks.full, BLOCK), (blocks.half, BLOCK / 2)] {
+            let mut c = vec![f32::NAN; BLOCK * PANEL];
+            let product = |c: &mut [f32], start| {
+                let (a, panel) = (self.a.as_ptr(), self.panel.as_ptr());
+                // SAFETY: `supported` passed (or `block` is the model); A holds 32 rows of
+                // LDA ≥ 2·PAIRS, the panel PAIRS pairs, C 32 × 32 values and the bias 32.
+                unsafe {
+                    let c = c.as_mut_ptr();
+                    let run = || block(a, Self::LDA, panel, Self::PAIRS, c, PANEL, start);
+                    if tiles { with_tiles(run) } else { run() }
+                }
+            };
+            product(&mut c, Start::Zero);
+            self.check(&c, rows, 0.0, 1.0, "zero")?;
+            product(&mut c, Start::Bias(&self.bias));
+            self.check(&c, rows, 1.0, 1.0, "bias")?;
+            product(&mut c, Start::Accumulate);
+            self.check(&c, rows, 1.0, 2.0, "accumulate")?;
+        }
+        Ok(())
     }
 
-    /// `c` should hold `biases` times the bias plus `products` times the exact product.
-    fn check(&self, c: &[f32], biases: f64, products: f64, start: &str) -> Result<(), String> {
+    /// The first `rows` rows of `c` should hold `biases` times the bias plus `products` times
+    /// the exact product, and the others their NaN.
+    fn check(
+        &self,
+        c: &[f32],
+        rows: usize,
+        biases: f64,
+        products: f64,
+        start: &str,
+    ) -> Result<(), String> {
         for (i, (&got, &sum)) in c.iter().zip(&self.want).enumerate() {
+            if i >= rows * PANEL {
+                if !got.is_nan() {
+                    return Err(format!("{start} start, {rows} rows: {got} at {i}"));
+                }
+                continue;
+            }
             let want = biases * self.bias[i % PANEL] as f64 + products * sum;
             if (got as f64 - want).abs() > 1e-3 {
-                return Err(format!("{start} start: {got} at {i}, want {want}"));
+                return Err(format!(
+                    "{start} start, {rows} rows: {got} at {i}, want {want}"
+                ));
             }
         }
         Ok(())
@@ -412,6 +500,79 @@ mod arch {
             );
         }
     }
+
+    /// See [`super::half_block`]: [`block`]'s upper half (tiles 0, 1, 4, 6 and 7).
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn half_block(
+        a: *const u16,
+        lda: usize,
+        panel: *const u16,
+        pairs: usize,
+        c: *mut f32,
+        ldc: usize,
+        start: Start,
+    ) {
+        debug_assert!(pairs > 0 && pairs.is_multiple_of(PAIRS_PER_STEP));
+        let (lda_bytes, ldc_bytes) = (lda * 2, ldc * 4);
+        // SAFETY (all blocks): the caller's contract on 16 rows of A and C and on the panel;
+        // the tiles are configured as 16 rows of 64 bytes.
+        unsafe {
+            match start {
+                Start::Zero => asm!("tilezero tmm0", "tilezero tmm1", options(nostack, nomem)),
+                Start::Bias(bias) => {
+                    debug_assert!(bias.len() >= PANEL);
+                    asm!(
+                        "tileloadd tmm0, [{b} + {zero}*1]",
+                        "tileloadd tmm1, [{b} + {zero}*1 + 64]",
+                        b = in(reg) bias.as_ptr(),
+                        zero = in(reg) 0usize,
+                        options(nostack, readonly)
+                    )
+                }
+                Start::Accumulate => asm!(
+                    "tileloadd tmm0, [{c} + {s}*1]",
+                    "tileloadd tmm1, [{c} + {s}*1 + 64]",
+                    c = in(reg) c,
+                    s = in(reg) ldc_bytes,
+                    options(nostack, readonly)
+                ),
+                Start::From(from, ld) => asm!(
+                    "tileloadd tmm0, [{c} + {s}*1]",
+                    "tileloadd tmm1, [{c} + {s}*1 + 64]",
+                    c = in(reg) from,
+                    s = in(reg) ld * 4,
+                    options(nostack, readonly)
+                ),
+            }
+            asm!(
+                ".p2align 6",
+                "2:",
+                "tileloadd tmm4, [{a} + {sa}*1]",
+                "tileloadd tmm6, [{b} + {sb}*1]",
+                "tileloadd tmm7, [{b} + {sb}*1 + 64]",
+                "tdpbf16ps tmm0, tmm4, tmm6",
+                "tdpbf16ps tmm1, tmm4, tmm7",
+                "add {a}, 64",
+                "add {b}, {b_step}",
+                "dec {steps}",
+                "jnz 2b",
+                a = inout(reg) a => _,
+                sa = in(reg) lda_bytes,
+                b = inout(reg) panel => _,
+                sb = in(reg) 2 * PANEL * 2,
+                b_step = in(reg) PAIRS_PER_STEP * 2 * PANEL * 2,
+                steps = inout(reg) pairs / PAIRS_PER_STEP => _,
+                options(nostack, readonly)
+            );
+            asm!(
+                "tilestored [{c} + {s}*1], tmm0",
+                "tilestored [{c} + {s}*1 + 64], tmm1",
+                c = in(reg) c,
+                s = in(reg) ldc_bytes,
+                options(nostack)
+            );
+        }
+    }
 }
 
 #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
@@ -438,6 +599,18 @@ mod arch {
     ) {
         unreachable!("AMX is never enabled off x86-64 Linux")
     }
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn half_block(
+        _: *const u16,
+        _: usize,
+        _: *const u16,
+        _: usize,
+        _: *mut f32,
+        _: usize,
+        _: Start,
+    ) {
+        unreachable!("AMX is never enabled off x86-64 Linux")
+    }
 }
 
 #[cfg(test)]
@@ -447,7 +620,7 @@ mod tests {
     #[test]
     fn the_self_test_accepts_the_model_of_the_tiles_and_rejects_a_wrong_one() {
         let test = SelfTest::new();
-        assert_eq!(test.run(model_block, false), Ok(()));
+        assert_eq!(test.run(MODELS, false), Ok(()));
         /// The tiles with the two values of each pair of A swapped.
         unsafe fn swapped(
             a: *const u16,
@@ -466,7 +639,17 @@ mod tests {
             // SAFETY: as `model_block`, on the copy.
             unsafe { model_block(a_swapped.as_ptr(), lda, panel, pairs, c, ldc, start) }
         }
-        assert!(test.run(swapped, false).is_err());
+        let swapped_full = Blocks {
+            full: swapped,
+            ..MODELS
+        };
+        assert!(test.run(swapped_full, false).is_err());
+        // a "half" block that writes all 32 rows
+        let full_as_half = Blocks {
+            half: model_block,
+            ..MODELS
+        };
+        assert!(test.run(full_as_half, false).is_err());
     }
 
     #[cfg(all(target_arch = "x86_64", target_os = "linux"))]

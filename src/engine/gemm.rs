@@ -553,7 +553,7 @@ impl PackedWeight {
         let kp = self.k_padded;
         let a16 = a.as_ptr() as *const u16;
         if uses_amx(m) {
-            let amx = (amx::block as amx::BlockFn, true);
+            let amx = (amx::TILES, true);
             // SAFETY: the caller's contract, and AMX is enabled.
             return unsafe {
                 self.run_bf16_amx(
@@ -682,8 +682,8 @@ impl PackedWeight {
     /// writes C. Otherwise (and without `done`) C receives every sum and it returns false.
     /// Groups hold whole multiples of `finish_group` panels.
     ///
-    /// `block` is [`amx::block`] (run with this thread's tiles configured), or in tests a model
-    /// of it.
+    /// `blocks` are [`amx::TILES`] (run with this thread's tiles configured), or in tests their
+    /// models.
     ///
     /// # Safety
     /// As [`Self::run_bf16`]; [`amx::enabled`] returned true, or `block` is not the AMX one.
@@ -699,7 +699,7 @@ impl PackedWeight {
         n_cols: usize,
         k_used: usize,
         (p0, p1): (usize, usize),
-        (block, tiles_configured): (amx::BlockFn, bool),
+        (blocks, tiles_configured): (amx::Blocks, bool),
         (done, finish_group): (Option<Done<'_>>, usize),
     ) -> bool {
         let Panels::Bf16(packed) = &self.panels else {
@@ -758,6 +758,12 @@ impl PackedWeight {
                 tail_a[i * width..(i + 1) * width].copy_from_slice(src);
             }
         }
+        // at most 16 rows left: one tile of A, half the multiplies
+        let tail_block = if tail_rows.len() <= amx::BLOCK / 2 {
+            blocks.half
+        } else {
+            blocks.full
+        };
         // the tail's sums, 32 rows of this thread's blocked columns, kept between the passes
         let tail_ld = (blocked_panels.end - p0) * NR;
         let mut tail_c = if tail_a.is_empty() {
@@ -828,7 +834,7 @@ impl PackedWeight {
                                         // `local`, this thread's columns of C, or
                                         // `macro_sums`.
                                         unsafe {
-                                            block(
+                                            (blocks.full)(
                                                 a.add(r * lda + 2 * (q0 + k0)),
                                                 lda,
                                                 panel(p).add(k0 * 2 * NR),
@@ -864,7 +870,7 @@ impl PackedWeight {
                         // SAFETY: the tail block holds 32 rows of `width`; `tail_c` 32 rows of
                         // this thread's blocked columns.
                         unsafe {
-                            block(
+                            tail_block(
                                 tail_a.as_ptr().add(2 * q0),
                                 width,
                                 panel(p),
@@ -1447,7 +1453,11 @@ mod tests {
     }
 
     /// Sizes around every tile, panel and block edge, odd `k` included.
-    const SIZES: [(usize, usize, usize); 11] = [
+    const SIZES: [(usize, usize, usize); 13] = [
+        // on AMX (32 rows or more), the last rows (fewer than 32) run as a block of 16 rows when
+        // at most 16 are left (97, 200, 48), else of 32 (59)
+        (48, 96, 320),
+        (59, 64, 256),
         (1, 1, 1),
         (5, 33, 7),
         (13, 70, 300),
@@ -1586,7 +1596,7 @@ mod tests {
                     let mut out = vec![f32::NAN; m * n];
                     let c = SharedOut(out.as_mut_ptr());
                     let panels = (0, n.div_ceil(NR));
-                    let model = (amx::model_block as amx::BlockFn, false);
+                    let model = (amx::MODELS, false);
                     // with `done`: each value handed over once, at group starts of 3 panels
                     let seen = std::sync::Mutex::new(vec![f32::NAN; m * n]);
                     let done = |i: usize, j0: usize, values: &[f32]| {
