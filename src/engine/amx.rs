@@ -678,4 +678,44 @@ mod tests {
             }
         }
     }
+
+    /// The rate of one 32 × 32 [`block`] over its operands in L1 (up to 128 pairs: A and the
+    /// panel 16 KiB each) and in L2 (256 and 768 pairs), one thread
+    /// (`cargo test --release --lib block_rates -- --ignored --nocapture`). On a 2-core Xeon:
+    /// 6.2–7.3 ns per `TDPBF16PS` from L1, 9–10.7 ns from L2.
+    #[test]
+    #[ignore = "a measurement, not a check"]
+    fn block_rates() {
+        if !enabled() {
+            return;
+        }
+        for pairs in [64, 128, 256, 768] {
+            let lda = 2 * pairs;
+            let a = vec![0x3f80u16; BLOCK * lda];
+            let panel = vec![0x3f80u16; pairs * 2 * PANEL];
+            let mut c = vec![0f32; BLOCK * PANEL];
+            let reps = 200_000 / (pairs / PAIRS_PER_STEP);
+            let mut best = f64::MAX;
+            for _ in 0..5 {
+                let t = std::time::Instant::now();
+                let (a, panel, c) = (a.as_ptr(), panel.as_ptr(), c.as_mut_ptr());
+                // SAFETY: AMX is enabled; A holds 32 rows of `lda`, the panel `pairs` pairs and
+                // C 32 × 32 values.
+                unsafe {
+                    with_tiles(|| {
+                        for _ in 0..reps {
+                            block(a, lda, panel, pairs, c, PANEL, Start::Zero);
+                        }
+                    })
+                };
+                best = best.min(t.elapsed().as_secs_f64());
+            }
+            let multiplies = (reps * pairs / PAIRS_PER_STEP * 4) as f64;
+            eprintln!(
+                "{pairs} pairs: {:.2} ns per TDPBF16PS ({:.0} GFLOP/s)",
+                best / multiplies * 1e9,
+                16384.0 * multiplies / best / 1e9
+            );
+        }
+    }
 }
