@@ -51,50 +51,52 @@ impl Module for LayerNorm {
         let Some((weight, bias)) = &self.affine else {
             return self.candle.forward(x);
         };
-        let width = weight.len();
-        if x.dtype() != DType::BF16 || x.dim(candle_core::D::Minus1)? != width {
-            return self.candle.forward(x);
+        let normalized = map_bf16_rows(x, weight.len(), |src, dst| {
+            normalize_row(src, weight, bias, self.eps, dst)
+        })?;
+        match normalized {
+            Some(out) => Ok(out),
+            None => self.candle.forward(x),
         }
-        let x = x.contiguous()?;
-        let (storage, layout) = x.storage_and_layout();
-        let Storage::Cpu(CpuStorage::BF16(values)) = &*storage else {
-            return self.candle.forward(&x);
-        };
-        let src = &values[layout.start_offset()..layout.start_offset() + x.elem_count()];
-        // zeroed pages from the allocator: `vec![bf16::ZERO; n]` writes every value first
-        let mut out: Vec<bf16> = bytemuck::zeroed_vec(src.len());
-        out.par_chunks_mut(width * ROWS_PER_TASK)
-            .zip(src.par_chunks(width * ROWS_PER_TASK))
-            .for_each_init(
-                || vec![0f32; width],
-                |row_f32, (dst, src)| {
-                    for (dst, src) in dst.chunks_exact_mut(width).zip(src.chunks_exact(width)) {
-                        normalize_row(src, weight, bias, self.eps, row_f32, dst);
-                    }
-                },
-            );
-        Tensor::from_vec(out, x.dims(), x.device())
     }
 }
 
-/// One row: `dst = bf16((src − mean) · inv_std · weight + bias)`, through `row` (f32 scratch of
-/// the row's width).
-fn normalize_row(
-    src: &[bf16],
-    weight: &[f32],
-    bias: &[f32],
-    eps: f32,
-    row: &mut [f32],
-    dst: &mut [bf16],
-) {
+/// `row(src, dst)` on every row of `x`, on several threads, where `x` is a bf16 tensor on the
+/// CPU whose rows are `width` long; `None` for any other tensor (the caller goes to candle).
+pub(super) fn map_bf16_rows(
+    x: &Tensor,
+    width: usize,
+    row: impl Fn(&[bf16], &mut [bf16]) + Sync,
+) -> candle_core::Result<Option<Tensor>> {
+    if x.dtype() != DType::BF16 || x.dim(candle_core::D::Minus1)? != width {
+        return Ok(None);
+    }
+    let x = x.contiguous()?;
+    let (storage, layout) = x.storage_and_layout();
+    let Storage::Cpu(CpuStorage::BF16(values)) = &*storage else {
+        return Ok(None);
+    };
+    let src = &values[layout.start_offset()..layout.start_offset() + x.elem_count()];
+    // zeroed pages from the allocator: `vec![bf16::ZERO; n]` writes every value first
+    let mut out: Vec<bf16> = bytemuck::zeroed_vec(src.len());
+    out.par_chunks_mut(width * ROWS_PER_TASK)
+        .zip(src.par_chunks(width * ROWS_PER_TASK))
+        .for_each(|(dst, src)| {
+            for (dst, src) in dst.chunks_exact_mut(width).zip(src.chunks_exact(width)) {
+                row(src, dst);
+            }
+        });
+    Tensor::from_vec(out, x.dims(), x.device()).map(Some)
+}
+
+/// One row: `dst = bf16((src − mean) · inv_std · weight + bias)`.
+fn normalize_row(src: &[bf16], weight: &[f32], bias: &[f32], eps: f32, dst: &mut [bf16]) {
     #[cfg(target_arch = "x86_64")]
     if src.len().is_multiple_of(16) && std::arch::is_x86_feature_detected!("avx512f") {
         // SAFETY: AVX-512F was detected just above; the width is a multiple of 16.
         return unsafe { normalize_row_avx512(src, weight, bias, eps, dst) };
     }
-    for (x, s) in row.iter_mut().zip(src) {
-        *x = s.to_f32();
-    }
+    let mut row: Vec<f32> = src.iter().map(|s| s.to_f32()).collect();
     let n = row.len() as f32;
     let mean = row.iter().sum::<f32>() / n;
     let var = row.iter().map(|&x| (x - mean) * (x - mean)).sum::<f32>() / n;
@@ -102,7 +104,7 @@ fn normalize_row(
     for ((x, &w), &b) in row.iter_mut().zip(weight).zip(bias) {
         *x = (*x - mean) * inv_std * w + b;
     }
-    vector_math::round_to_bf16(row, 1.0, dst);
+    vector_math::round_to_bf16(&row, 1.0, dst);
 }
 
 /// [`normalize_row`] sixteen lanes at a time (the sums in sixteen lanes, then across them).
@@ -146,43 +148,59 @@ unsafe fn normalize_row_avx512(
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use candle_core::Device;
     use candle_nn::VarBuilder;
     use std::collections::HashMap;
+
+    /// `len` bf16 values spread over [-2.5, 3.5), a different pattern for each `salt`.
+    pub(in crate::engine) fn spread_values(len: usize, salt: usize) -> Tensor {
+        let v: Vec<f32> = (0..len)
+            .map(|i| ((i * 2_654_435_761 + salt * 40_503) % 4099) as f32 / 4099.0 * 6.0 - 2.5)
+            .collect();
+        Tensor::from_vec(v, len, &Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap()
+    }
+
+    /// bf16 parameters `names` of `width` spread values (the i-th with salt i + 1).
+    pub(in crate::engine) fn spread_parameters(
+        names: &[&str],
+        width: usize,
+    ) -> VarBuilder<'static> {
+        let tensors: HashMap<String, Tensor> = names
+            .iter()
+            .enumerate()
+            .map(|(i, name)| (name.to_string(), spread_values(width, i + 1)))
+            .collect();
+        VarBuilder::from_tensors(tensors, DType::BF16, &Device::Cpu)
+    }
+
+    /// `rows` rows of spread values and `norm` of them, both widened to f32.
+    pub(in crate::engine) fn normed_rows(
+        norm: &dyn Module,
+        rows: usize,
+        width: usize,
+    ) -> (Vec<Vec<f32>>, Vec<Vec<f32>>) {
+        let x = spread_values(rows * width, 3)
+            .reshape((rows, width))
+            .unwrap();
+        let f32_rows =
+            |t: &Tensor| -> Vec<Vec<f32>> { t.to_dtype(DType::F32).unwrap().to_vec2().unwrap() };
+        (f32_rows(&x), f32_rows(&norm.forward(&x).unwrap()))
+    }
 
     /// Against the definition in f64 (rounded to bf16 once): every value within one bf16 step,
     /// and candle's kernel on the same input as far off; rows of odd widths take the scalar tail.
     #[test]
     fn bf16_rows_match_the_definition_within_one_rounding() {
         for width in [1280, 37] {
-            let rows = 70;
-            let value = |i: usize, salt: usize| {
-                ((i * 2_654_435_761 + salt * 40_503) % 4099) as f32 / 4099.0 * 6.0 - 2.5
-            };
-            let make = |len: usize, salt: usize| -> Tensor {
-                let v: Vec<f32> = (0..len).map(|i| value(i, salt)).collect();
-                Tensor::from_vec(v, len, &Device::Cpu)
-                    .unwrap()
-                    .to_dtype(DType::BF16)
-                    .unwrap()
-            };
-            let mut tensors = HashMap::new();
-            tensors.insert("weight".to_string(), make(width, 1));
-            tensors.insert("bias".to_string(), make(width, 2));
-            let vb = VarBuilder::from_tensors(tensors, DType::BF16, &Device::Cpu);
+            let vb = spread_parameters(&["weight", "bias"], width);
             let norm = LayerNorm::load(width, 1e-6, vb).unwrap();
             assert!(norm.affine.is_some(), "the bf16 CPU path is taken");
-            let x = make(rows * width, 3).reshape((rows, width)).unwrap();
-            let got: Vec<Vec<f32>> = norm
-                .forward(&x)
-                .unwrap()
-                .to_dtype(DType::F32)
-                .unwrap()
-                .to_vec2()
-                .unwrap();
-            let xs: Vec<Vec<f32>> = x.to_dtype(DType::F32).unwrap().to_vec2().unwrap();
+            let (xs, got) = normed_rows(&norm, 70, width);
             let w: Vec<f32> = norm.affine.as_ref().unwrap().0.clone();
             let b: Vec<f32> = norm.affine.as_ref().unwrap().1.clone();
             for (r, (row, got)) in xs.iter().zip(&got).enumerate() {

@@ -30,6 +30,7 @@ pub mod processor;
 pub mod profile;
 pub mod prompt;
 pub mod random;
+mod rms_norm;
 pub mod rope_index;
 pub mod sampling;
 mod split_rope;

@@ -3,13 +3,14 @@
 //! with the real context, and logits for the last position only.
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{Embedding, RmsNorm, VarBuilder};
+use candle_nn::{Embedding, VarBuilder};
 
 use super::linear::{GatedLinear, Linear, Quantization, WeightLayer};
 
 use super::attention;
 use super::config::TextConfig;
 use super::profile;
+use super::rms_norm::RmsNorm;
 use super::split_rope;
 
 /// Keys and values of one layer for the positions seen so far, `(1, len, kv_heads, head_dim)`,
@@ -406,8 +407,8 @@ impl DecoderLayer {
             attn: Attention::load(cfg, vb.pp("self_attn"))?,
             gate_up: GatedLinear::load(h, i, "gate_proj", "up_proj", mlp.clone())?,
             down: Linear::load(i, h, false, mlp.pp("down_proj"))?,
-            input_norm: candle_nn::rms_norm(h, cfg.rms_norm_eps, vb.pp("input_layernorm"))?,
-            post_norm: candle_nn::rms_norm(h, cfg.rms_norm_eps, vb.pp("post_attention_layernorm"))?,
+            input_norm: RmsNorm::load(h, cfg.rms_norm_eps, vb.pp("input_layernorm"))?,
+            post_norm: RmsNorm::load(h, cfg.rms_norm_eps, vb.pp("post_attention_layernorm"))?,
         })
     }
 
@@ -527,7 +528,7 @@ impl TextModel {
             quantized(&mut layer.linears_mut(), true)?;
             layers.push(layer);
         }
-        let norm = candle_nn::rms_norm(cfg.hidden_size, cfg.rms_norm_eps, model_vb.pp("norm"))?;
+        let norm = RmsNorm::load(cfg.hidden_size, cfg.rms_norm_eps, model_vb.pp("norm"))?;
         let lm_head = if let Some(head) = tied_head {
             head
         } else if cfg.tie_word_embeddings {

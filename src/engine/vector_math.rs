@@ -321,16 +321,35 @@ fn exp_coarse_avx512(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 
     _mm512_scalef_ps(y, n)
 }
 
+/// Sixteen f32 lanes rounded to bf16 (nearest even), as the upper halves of 32-bit lanes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn round_bf16_bits(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512i {
+    use std::arch::x86_64::*;
+    let x = _mm512_castps_si512(x);
+    let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(x), _mm512_set1_epi32(1));
+    let bias = _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb);
+    _mm512_srli_epi32::<16>(_mm512_add_epi32(x, bias))
+}
+
+/// Sixteen f32 lanes rounded to bf16 (nearest even) and widened back: a bf16 op's result, kept
+/// in f32 for the next op.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+pub(crate) fn round_bf16_avx512(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    _mm512_castsi512_ps(_mm512_slli_epi32::<16>(round_bf16_bits(x)))
+}
+
 /// Rounds sixteen f32 lanes to bf16 (nearest even) and stores them at `dst`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 #[inline]
 pub(crate) unsafe fn store_bf16(dst: *mut bf16, x: std::arch::x86_64::__m512) {
     use std::arch::x86_64::*;
-    let x = _mm512_castps_si512(x);
-    let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(x), _mm512_set1_epi32(1));
-    let bias = _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb);
-    let rounded = _mm512_srli_epi32::<16>(_mm512_add_epi32(x, bias));
+    let rounded = round_bf16_bits(x);
     // SAFETY: the caller hands sixteen writable values at `dst`.
     unsafe { _mm256_storeu_si256(dst.cast(), _mm512_cvtepi32_epi16(rounded)) };
 }
