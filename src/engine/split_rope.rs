@@ -151,21 +151,36 @@ pub fn split_rotated(
         return Ok(None);
     }
     match (qkv.dtype(), cos.dtype()) {
-        (DType::BF16, DType::F32) => {
-            split::<bf16, f32>(qkv, heads, head_dim, cos, sin, rotate_bf16_f32)
+        (DType::BF16, DType::F32) => split::<bf16, f32>(
+            qkv,
+            heads,
+            head_dim,
+            cos,
+            sin,
+            (rotate_bf16_f32, bf16_f32_lanes()),
+        ),
+        (DType::BF16, DType::BF16) => split::<bf16, bf16>(
+            qkv,
+            heads,
+            head_dim,
+            cos,
+            sin,
+            (rotate_bf16_bf16, bf16_bf16_lanes()),
+        ),
+        (DType::F32, DType::F32) => {
+            let rotate =
+                |x: (f32, f32), c: (f32, f32)| (x.0 * c.0 - x.1 * c.1, x.0 * c.1 + x.1 * c.0);
+            split::<f32, f32>(qkv, heads, head_dim, cos, sin, (rotate, None))
         }
-        (DType::BF16, DType::BF16) => {
-            split::<bf16, bf16>(qkv, heads, head_dim, cos, sin, |x, c| {
-                // bf16 ops, each rounded: what candle's `rope_thd` does on bf16
-                (x.0 * c.0 - x.1 * c.1, x.0 * c.1 + x.1 * c.0)
-            })
-        }
-        (DType::F32, DType::F32) => split::<f32, f32>(qkv, heads, head_dim, cos, sin, |x, c| {
-            (x.0 * c.0 - x.1 * c.1, x.0 * c.1 + x.1 * c.0)
-        }),
         _ => return Ok(None),
     }
     .map(Some)
+}
+
+/// One pair of bf16 values rotated with bf16 `(cos, sin)` in bf16 ops, each rounded: what
+/// candle's `rope_thd` does on bf16, and the reference's `q·cos + rotate_half(q)·sin` in bf16.
+fn rotate_bf16_bf16(x: (bf16, bf16), c: (bf16, bf16)) -> (bf16, bf16) {
+    (x.0 * c.0 - x.1 * c.1, x.0 * c.1 + x.1 * c.0)
 }
 
 /// One pair of bf16 values rotated with f32 `(cos, sin)`: the expressions of candle's `rope_thd`
@@ -194,8 +209,8 @@ pub fn rotate_bf16_heads(src: &[bf16], dst: &mut [bf16], d: usize, cos: &[f32], 
         cos.len(),
         sin.len()
     );
-    if let Some(rotate_lanes) = lanes_for::<bf16, f32>() {
-        // SAFETY: `lanes_for` checked the CPU; the lengths were checked above.
+    if let Some(rotate_lanes) = bf16_f32_lanes() {
+        // SAFETY: `bf16_f32_lanes` checked the CPU; the lengths were checked above.
         return unsafe {
             rotate_lanes(
                 src.as_ptr(),
@@ -217,14 +232,17 @@ pub fn rotate_bf16_heads(src: &[bf16], dst: &mut [bf16], d: usize, cos: &[f32], 
 }
 
 /// [`split_rotated`] for values `T` and tables `C`; `rotate((x1, x2), (cos, sin))` gives the
-/// rotated pair.
+/// rotated pair, `lanes` (where the CPU has it) the same bits for whole heads at once.
 fn split<T: WithDType + bytemuck::Zeroable, C: WithDType>(
     qkv: &Tensor,
     heads: [usize; 3],
     d: usize,
     cos: &Tensor,
     sin: &Tensor,
-    rotate: impl Fn((T, T), (C, C)) -> (T, T) + Sync,
+    (rotate, lanes): (
+        impl Fn((T, T), (C, C)) -> (T, T) + Sync,
+        Option<RotateLanes<T, C>>,
+    ),
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let half = d / 2;
     let widths = heads.map(|h| h * d);
@@ -260,18 +278,18 @@ fn split<T: WithDType + bytemuck::Zeroable, C: WithDType>(
         bytemuck::zeroed_vec(n * wk),
         bytemuck::zeroed_vec(n * wv),
     );
-    let lanes = lanes_for::<T, C>();
     let rotate_heads = |src: &[T], dst: &mut [T], cos: &[C], sin: &[C]| {
         if let Some(rotate_lanes) = lanes {
-            // SAFETY: `lanes_for` checked the CPU and that T is bf16 and C f32 (same layouts).
+            // SAFETY: the caller checked the CPU for `lanes`; `src` and `dst` hold whole heads
+            // of `d` (the shape was checked above), the tables `d / 2` values.
             return unsafe {
                 rotate_lanes(
-                    src.as_ptr().cast(),
-                    dst.as_mut_ptr().cast(),
+                    src.as_ptr(),
+                    dst.as_mut_ptr(),
                     src.len(),
                     d,
-                    cos.as_ptr().cast(),
-                    sin.as_ptr().cast(),
+                    cos.as_ptr(),
+                    sin.as_ptr(),
                 )
             };
         }
@@ -305,20 +323,63 @@ fn split<T: WithDType + bytemuck::Zeroable, C: WithDType>(
     ))
 }
 
-/// Rotates `len / d` heads of bf16 values at `src` into `dst` with f32 tables (`d / 2` each).
-type RotateLanes = unsafe fn(*const bf16, *mut bf16, usize, usize, *const f32, *const f32);
+/// Rotates `len / d` heads of values at `src` into `dst` with tables `C` (`d / 2` each).
+type RotateLanes<T, C> = unsafe fn(*const T, *mut T, usize, usize, *const C, *const C);
 
-/// The vectorised rotation for bf16 values with f32 tables (the vision tower) on CPUs with
+/// The vectorised rotation of bf16 values with f32 tables (the vision tower) on CPUs with
 /// AVX-512, else `None` (the scalar loop).
-fn lanes_for<T: WithDType, C: WithDType>() -> Option<RotateLanes> {
+fn bf16_f32_lanes() -> Option<RotateLanes<bf16, f32>> {
     #[cfg(target_arch = "x86_64")]
-    if T::DTYPE == DType::BF16
-        && C::DTYPE == DType::F32
-        && std::arch::is_x86_feature_detected!("avx512f")
-    {
+    if std::arch::is_x86_feature_detected!("avx512f") {
         return Some(rotate_bf16_f32_avx512);
     }
     None
+}
+
+/// The vectorised rotation of bf16 values with bf16 tables (the decoder) on CPUs with AVX-512,
+/// else `None` (the scalar loop).
+fn bf16_bf16_lanes() -> Option<RotateLanes<bf16, bf16>> {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        return Some(rotate_bf16_bf16_avx512);
+    }
+    None
+}
+
+/// The decoder's rotation sixteen pairs at a time: [`rotate_bf16_bf16`]'s bf16 ops, each product
+/// rounded to bf16 and kept in f32, then the difference or sum rounded, so that the bits match
+/// it; the pairs past the last sixteen go through it in scalar code.
+///
+/// # Safety
+/// AVX-512F; `src` and `dst` hold `len` values (whole heads of `d`), the tables `d / 2`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn rotate_bf16_bf16_avx512(
+    src: *const bf16,
+    dst: *mut bf16,
+    len: usize,
+    d: usize,
+    cos: *const bf16,
+    sin: *const bf16,
+) {
+    use super::vector_math::{load_bf16, round_bf16_avx512 as round};
+    use std::arch::x86_64::*;
+    let product = |a, b| round(_mm512_mul_ps(a, b));
+    // SAFETY: the caller's contract.
+    unsafe {
+        rotate_heads_avx512(
+            (src, dst, len, d),
+            (cos, sin),
+            |p| load_bf16(p),
+            |(x1, x2), (c, s)| {
+                (
+                    _mm512_sub_ps(product(x1, c), product(x2, s)),
+                    _mm512_add_ps(product(x1, s), product(x2, c)),
+                )
+            },
+            rotate_bf16_bf16,
+        )
+    }
 }
 
 /// The vision tower's rotation sixteen pairs at a time, with the scalar expressions' operations
@@ -338,8 +399,45 @@ unsafe fn rotate_bf16_f32_avx512(
     cos: *const f32,
     sin: *const f32,
 ) {
-    use super::vector_math::{load_bf16, store_bf16};
     use std::arch::x86_64::*;
+    // SAFETY: the caller's contract.
+    unsafe {
+        rotate_heads_avx512(
+            (src, dst, len, d),
+            (cos, sin),
+            |p| _mm512_loadu_ps(p),
+            |(x1, x2), (c, s)| {
+                (
+                    _mm512_sub_ps(_mm512_mul_ps(x1, c), _mm512_mul_ps(x2, s)),
+                    _mm512_add_ps(_mm512_mul_ps(x1, s), _mm512_mul_ps(x2, c)),
+                )
+            },
+            rotate_bf16_f32,
+        )
+    }
+}
+
+/// The loops of the vectorised rotations: per head, sixteen pairs at a time through `sixteen`
+/// (the halves widened to f32, the tables through `widen`; the results rounded to bf16), the
+/// pairs past the last sixteen through `one`.
+///
+/// # Safety
+/// AVX-512F; `src` and `dst` hold `len` values (whole heads of `d`), the tables `d / 2`;
+/// `widen` reads sixteen table values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn rotate_heads_avx512<C: Copy>(
+    (src, dst, len, d): (*const bf16, *mut bf16, usize, usize),
+    (cos, sin): (*const C, *const C),
+    widen: impl Fn(*const C) -> std::arch::x86_64::__m512,
+    sixteen: impl Fn(
+        (std::arch::x86_64::__m512, std::arch::x86_64::__m512),
+        (std::arch::x86_64::__m512, std::arch::x86_64::__m512),
+    ) -> (std::arch::x86_64::__m512, std::arch::x86_64::__m512),
+    one: impl Fn((bf16, bf16), (C, C)) -> (bf16, bf16),
+) {
+    use super::vector_math::{load_bf16, store_bf16};
     let half = d / 2;
     let whole = half / 16 * 16;
     // SAFETY: every offset stays inside a head (`i + 16 ≤ whole ≤ half`), the tables' `half`.
@@ -347,18 +445,14 @@ unsafe fn rotate_bf16_f32_avx512(
         for head in (0..len).step_by(d) {
             let (x, y) = (src.add(head), dst.add(head));
             for i in (0..whole).step_by(16) {
-                let (x1, x2) = (load_bf16(x.add(i)), load_bf16(x.add(half + i)));
-                let (c, s) = (_mm512_loadu_ps(cos.add(i)), _mm512_loadu_ps(sin.add(i)));
-                let first = _mm512_sub_ps(_mm512_mul_ps(x1, c), _mm512_mul_ps(x2, s));
-                let second = _mm512_add_ps(_mm512_mul_ps(x1, s), _mm512_mul_ps(x2, c));
+                let halves = (load_bf16(x.add(i)), load_bf16(x.add(half + i)));
+                let (first, second) = sixteen(halves, (widen(cos.add(i)), widen(sin.add(i))));
                 store_bf16(y.add(i), first);
                 store_bf16(y.add(half + i), second);
             }
             for i in whole..half {
-                let (x1, x2) = ((*x.add(i)).to_f32(), (*x.add(half + i)).to_f32());
-                let (c, s) = (*cos.add(i), *sin.add(i));
-                *y.add(i) = half::bf16::from_f32(x1 * c - x2 * s);
-                *y.add(half + i) = half::bf16::from_f32(x1 * s + x2 * c);
+                (*y.add(i), *y.add(half + i)) =
+                    one((*x.add(i), *x.add(half + i)), (*cos.add(i), *sin.add(i)));
             }
         }
     }
@@ -420,6 +514,10 @@ mod tests {
             (DType::BF16, DType::F32, [3, 3, 3], 16),
             (DType::BF16, DType::F32, [3, 3, 3], 80),
             (DType::BF16, DType::BF16, [6, 2, 2], 16),
+            // the decoder's (12, 2, 2 heads of 128), and heads of 40: sixteen lanes and four
+            // pairs left over
+            (DType::BF16, DType::BF16, [12, 2, 2], 128),
+            (DType::BF16, DType::BF16, [3, 1, 1], 40),
             (DType::F32, DType::F32, [6, 2, 2], 16),
         ];
         for (dtype, table_dtype, heads, d) in cases {
