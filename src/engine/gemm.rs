@@ -686,7 +686,7 @@ impl PackedWeight {
     /// models.
     ///
     /// # Safety
-    /// As [`Self::run_bf16`]; [`amx::enabled`] returned true, or `block` is not the AMX one.
+    /// As [`Self::run_bf16`]; [`amx::enabled`] returned true, or `blocks` are not the AMX ones.
     #[allow(clippy::too_many_arguments)]
     unsafe fn run_bf16_amx(
         &self,
