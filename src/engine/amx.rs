@@ -401,6 +401,66 @@ mod arch {
         unsafe { asm!("tilerelease", options(nostack, nomem)) };
     }
 
+    /// The start and the store of one pair of C tiles: 16 rows of the block's 32 columns, from
+    /// row `ROW0` of C (the bias has no rows: each of its 16-value halves repeats on every row).
+    macro_rules! c_tile_pair {
+        ($start:ident, $store:ident, $row0:literal, $left:literal, $right:literal) => {
+            /// # Safety
+            /// Inside configured tiles; C (or `From`'s block) holds these 16 rows of 32 values.
+            #[inline(always)]
+            unsafe fn $start(start: Start, c: *mut f32, ldc: usize) {
+                let (rows, ld) = match start {
+                    Start::Zero => {
+                        // SAFETY: the tiles are configured (caller).
+                        unsafe {
+                            asm!(
+                                concat!("tilezero tmm", $left),
+                                concat!("tilezero tmm", $right),
+                                options(nostack, nomem)
+                            )
+                        };
+                        return;
+                    }
+                    Start::Bias(bias) => {
+                        debug_assert!(bias.len() >= PANEL);
+                        // a row stride of zero repeats the 16 bias values on every row
+                        (bias.as_ptr(), 0)
+                    }
+                    Start::Accumulate => (c.wrapping_add($row0 * ldc).cast_const(), ldc),
+                    Start::From(from, ld) => (from.wrapping_add($row0 * ld), ld),
+                };
+                // SAFETY: 16 rows of 32 values at `rows`, `ld` apart (caller).
+                unsafe {
+                    asm!(
+                        concat!("tileloadd tmm", $left, ", [{c} + {s}*1]"),
+                        concat!("tileloadd tmm", $right, ", [{c} + {s}*1 + 64]"),
+                        c = in(reg) rows,
+                        s = in(reg) ld * 4,
+                        options(nostack, readonly)
+                    )
+                };
+            }
+
+            /// # Safety
+            /// Inside configured tiles; C holds these 16 rows of 32 writable values.
+            #[inline(always)]
+            unsafe fn $store(c: *mut f32, ldc: usize) {
+                // SAFETY: the caller's contract.
+                unsafe {
+                    asm!(
+                        concat!("tilestored [{c} + {s}*1], tmm", $left),
+                        concat!("tilestored [{c} + {s}*1 + 64], tmm", $right),
+                        c = in(reg) c.wrapping_add($row0 * ldc),
+                        s = in(reg) ldc * 4,
+                        options(nostack)
+                    )
+                };
+            }
+        };
+    }
+    c_tile_pair!(start_upper, store_upper, 0, 0, 1);
+    c_tile_pair!(start_lower, store_lower, 16, 2, 3);
+
     /// See [`super::block`] (re-exported there, documented there).
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn block(
@@ -413,53 +473,12 @@ mod arch {
         start: Start,
     ) {
         debug_assert!(pairs > 0 && pairs.is_multiple_of(PAIRS_PER_STEP));
-        let (lda_bytes, ldc_bytes) = (lda * 2, ldc * 4);
-        let c_low = c.wrapping_add(16 * ldc);
+        let lda_bytes = lda * 2;
         // SAFETY (all blocks): the caller's contract on A, the panel and C; the tiles are
         // configured as 16 rows of 64 bytes.
         unsafe {
-            match start {
-                Start::Zero => asm!(
-                    "tilezero tmm0",
-                    "tilezero tmm1",
-                    "tilezero tmm2",
-                    "tilezero tmm3",
-                    options(nostack, nomem)
-                ),
-                Start::Bias(bias) => {
-                    debug_assert!(bias.len() >= PANEL);
-                    // a row stride of zero repeats the 16 bias values on every row
-                    asm!(
-                        "tileloadd tmm0, [{b} + {zero}*1]",
-                        "tileloadd tmm1, [{b} + {zero}*1 + 64]",
-                        "tileloadd tmm2, [{b} + {zero}*1]",
-                        "tileloadd tmm3, [{b} + {zero}*1 + 64]",
-                        b = in(reg) bias.as_ptr(),
-                        zero = in(reg) 0usize,
-                        options(nostack, readonly)
-                    )
-                }
-                Start::Accumulate => asm!(
-                    "tileloadd tmm0, [{c} + {s}*1]",
-                    "tileloadd tmm1, [{c} + {s}*1 + 64]",
-                    "tileloadd tmm2, [{c2} + {s}*1]",
-                    "tileloadd tmm3, [{c2} + {s}*1 + 64]",
-                    c = in(reg) c,
-                    c2 = in(reg) c_low,
-                    s = in(reg) ldc_bytes,
-                    options(nostack, readonly)
-                ),
-                Start::From(from, ld) => asm!(
-                    "tileloadd tmm0, [{c} + {s}*1]",
-                    "tileloadd tmm1, [{c} + {s}*1 + 64]",
-                    "tileloadd tmm2, [{c2} + {s}*1]",
-                    "tileloadd tmm3, [{c2} + {s}*1 + 64]",
-                    c = in(reg) from,
-                    c2 = in(reg) from.wrapping_add(16 * ld),
-                    s = in(reg) ld * 4,
-                    options(nostack, readonly)
-                ),
-            }
+            start_upper(start, c, ldc);
+            start_lower(start, c, ldc);
             // per step: 16 pairs of k, i.e. 64 bytes of each A row and 16 rows of 128 bytes
             // of the panel (its left 16 columns in the first 64 bytes of a row, the right 16 in
             // the next 64)
@@ -488,16 +507,8 @@ mod arch {
                 steps = inout(reg) pairs / PAIRS_PER_STEP => _,
                 options(nostack, readonly)
             );
-            asm!(
-                "tilestored [{c} + {s}*1], tmm0",
-                "tilestored [{c} + {s}*1 + 64], tmm1",
-                "tilestored [{c2} + {s}*1], tmm2",
-                "tilestored [{c2} + {s}*1 + 64], tmm3",
-                c = in(reg) c,
-                c2 = in(reg) c_low,
-                s = in(reg) ldc_bytes,
-                options(nostack)
-            );
+            store_upper(c, ldc);
+            store_lower(c, ldc);
         }
     }
 
@@ -513,37 +524,11 @@ mod arch {
         start: Start,
     ) {
         debug_assert!(pairs > 0 && pairs.is_multiple_of(PAIRS_PER_STEP));
-        let (lda_bytes, ldc_bytes) = (lda * 2, ldc * 4);
+        let lda_bytes = lda * 2;
         // SAFETY (all blocks): the caller's contract on 16 rows of A and C and on the panel;
         // the tiles are configured as 16 rows of 64 bytes.
         unsafe {
-            match start {
-                Start::Zero => asm!("tilezero tmm0", "tilezero tmm1", options(nostack, nomem)),
-                Start::Bias(bias) => {
-                    debug_assert!(bias.len() >= PANEL);
-                    asm!(
-                        "tileloadd tmm0, [{b} + {zero}*1]",
-                        "tileloadd tmm1, [{b} + {zero}*1 + 64]",
-                        b = in(reg) bias.as_ptr(),
-                        zero = in(reg) 0usize,
-                        options(nostack, readonly)
-                    )
-                }
-                Start::Accumulate => asm!(
-                    "tileloadd tmm0, [{c} + {s}*1]",
-                    "tileloadd tmm1, [{c} + {s}*1 + 64]",
-                    c = in(reg) c,
-                    s = in(reg) ldc_bytes,
-                    options(nostack, readonly)
-                ),
-                Start::From(from, ld) => asm!(
-                    "tileloadd tmm0, [{c} + {s}*1]",
-                    "tileloadd tmm1, [{c} + {s}*1 + 64]",
-                    c = in(reg) from,
-                    s = in(reg) ld * 4,
-                    options(nostack, readonly)
-                ),
-            }
+            start_upper(start, c, ldc);
             asm!(
                 ".p2align 6",
                 "2:",
@@ -564,13 +549,7 @@ mod arch {
                 steps = inout(reg) pairs / PAIRS_PER_STEP => _,
                 options(nostack, readonly)
             );
-            asm!(
-                "tilestored [{c} + {s}*1], tmm0",
-                "tilestored [{c} + {s}*1 + 64], tmm1",
-                c = in(reg) c,
-                s = in(reg) ldc_bytes,
-                options(nostack)
-            );
+            store_upper(c, ldc);
         }
     }
 }
