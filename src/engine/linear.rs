@@ -229,16 +229,29 @@ impl Linear {
 /// `residual + fc2(activation(fc1(x)))`, an MLP with its residual connection (the vision
 /// tower's). Where both layers are packed bf16 on the CPU, the hidden activations never become a
 /// tensor: they go to a buffer this thread keeps between calls, in rows one cache line longer
-/// than the hidden width. Measured at a 1280×720 screenshot's 4,784 patches (a 49 MB hidden
-/// layer): a fresh buffer every layer was faulted in page by page, 15 of the MLP's 85 ms; and
-/// rows 10 KiB apart fall on few L1 sets, which made the second product 11% slower. Candle's ops
-/// (or the layers' own paths) otherwise, with the same bits.
+/// than the hidden width, a chunk of rows at a time ([`mlp_chunk_rows`]). Measured at a
+/// 1280×720 screenshot's 4,784 patches (a 49 MB hidden layer): a fresh buffer every layer was
+/// faulted in page by page, 15 of the MLP's 85 ms; and rows 10 KiB apart fall on few L1 sets,
+/// which made the second product 11% slower. Candle's ops (or the layers' own paths) otherwise,
+/// with the same bits.
 pub fn mlp_plus(
     fc1: &Linear,
     activation: Activation,
     fc2: &Linear,
     x: &Tensor,
     residual: &Tensor,
+) -> candle_core::Result<Tensor> {
+    mlp_plus_in_chunks(fc1, activation, fc2, x, residual, MLP_HIDDEN_CHUNK_BYTES)
+}
+
+/// [`mlp_plus`] with at most `chunk_bytes` of hidden activations per chunk of rows.
+fn mlp_plus_in_chunks(
+    fc1: &Linear,
+    activation: Activation,
+    fc2: &Linear,
+    x: &Tensor,
+    residual: &Tensor,
+    chunk_bytes: usize,
 ) -> candle_core::Result<Tensor> {
     if let (Weight::PackedBf16(w1, b1), Weight::PackedBf16(w2, b2)) = (&fc1.weight, &fc2.weight)
         && x.dtype() == DType::BF16
@@ -259,24 +272,58 @@ pub fn mlp_plus(
                 // taken out while in use, as the sums
                 let mut hidden_rows = HIDDEN.take();
                 let ld = hidden + 32;
-                if hidden_rows.len() < rows * ld {
-                    hidden_rows.resize(rows * ld, bf16::ZERO);
+                let chunk = mlp_chunk_rows(rows, ld, chunk_bytes);
+                if hidden_rows.len() < chunk * ld {
+                    hidden_rows.resize(chunk * ld, bf16::ZERO);
                 }
-                let h = SharedOut(hidden_rows.as_mut_ptr());
-                with_kept_sums(w1, a, (rows, k), b1, 1, |row, first, values| {
-                    // SAFETY: each thread writes only its own columns of each row, inside the
-                    // buffer (rows × ld, ld > hidden).
-                    let out = unsafe { h.slice(row * ld + first, values.len()) };
-                    activation.apply_to_bf16(values, out);
-                });
-                let a2 = &hidden_rows[..rows * ld];
-                let y = packed_bf16_rows(a2, (rows, ld), w2, b2, 1, dims, residual_finish(r));
+                // not zeroed first: each chunk's second product finishes every value of its rows
+                let mut out: Vec<bf16> = Vec::with_capacity(rows * n);
+                let dst = SharedOut(out.spare_capacity_mut().as_mut_ptr().cast::<bf16>());
+                let finish = residual_finish(r);
+                for first_row in (0..rows).step_by(chunk) {
+                    let here = chunk.min(rows - first_row);
+                    let h = SharedOut(hidden_rows.as_mut_ptr());
+                    let x_rows = &a[first_row * k..(first_row + here) * k];
+                    with_kept_sums(w1, x_rows, (here, k), b1, 1, |row, first, values| {
+                        // SAFETY: each thread writes only its own columns of each row, inside
+                        // the buffer (chunk × ld, ld > hidden).
+                        let out = unsafe { h.slice(row * ld + first, values.len()) };
+                        activation.apply_to_bf16(values, out);
+                    });
+                    let a2 = &hidden_rows[..here * ld];
+                    with_kept_sums(w2, a2, (here, ld), b2, 1, |row, first, values| {
+                        let offset = (first_row + row) * n + first;
+                        // SAFETY: each thread finishes only its own columns of each row of
+                        // `out` (rows × n).
+                        let out = unsafe { dst.slice(offset, values.len()) };
+                        finish(offset, values, out);
+                    });
+                }
+                // SAFETY: every chunk's second product finished every row of every thread's
+                // columns (see `PackedWeight::matmul_bf16_then`): all `rows × n` values.
+                unsafe { out.set_len(rows * n) };
                 HIDDEN.set(hidden_rows);
-                y
+                Tensor::from_vec(out, dims, &Device::Cpu)
             })
         });
     }
     fc2.forward_plus(&fc1.forward_activated(x, activation)?, residual)
+}
+
+/// At most this many bytes of hidden activations per chunk of [`mlp_plus`]: a chunk's hidden rows
+/// are read back by the second product from the last-level cache, where the whole 49 MB of a
+/// 1280×720 screenshot's were written out to memory and read back from it. Measured with
+/// `vision_mlp_rate` at 4,784 patches (three runs each): 63.0–64.1 ms whole, 58.2–59.9 in two
+/// chunks, 58.4–61.1 in four (each chunk's weights are read again, from that cache); 1,196
+/// patches (12 MB) stay one chunk, and chunks of 160 rows were 13% slower there.
+const MLP_HIDDEN_CHUNK_BYTES: usize = 16 << 20;
+
+/// Rows per chunk of [`mlp_plus`] for `rows` rows of bf16 hidden activations `ld` values apart:
+/// equal chunks in whole 32-row blocks of the products, each within `chunk_bytes` (or one block).
+fn mlp_chunk_rows(rows: usize, ld: usize, chunk_bytes: usize) -> usize {
+    let most = (chunk_bytes / (2 * ld) / 32 * 32).max(32);
+    let chunks = rows.div_ceil(most).max(1);
+    rows.div_ceil(chunks).next_multiple_of(32).min(rows).max(1)
 }
 
 /// `f` on the values of a bf16 CPU `residual` of shape `dims` (an error naming both shapes
@@ -985,6 +1032,28 @@ mod tests {
     }
 
     #[test]
+    fn mlp_chunks_are_equal_whole_blocks_within_the_budget() {
+        let ld = 5120 + 32;
+        // a 1280×720 screenshot's patches: three chunks of 1,600 rows (the last 1,584)
+        assert_eq!(mlp_chunk_rows(4784, ld, MLP_HIDDEN_CHUNK_BYTES), 1600);
+        // a 640×360 screenshot's: one chunk
+        assert_eq!(mlp_chunk_rows(1196, ld, MLP_HIDDEN_CHUNK_BYTES), 1196);
+        assert_eq!(mlp_chunk_rows(1, ld, MLP_HIDDEN_CHUNK_BYTES), 1);
+        // a budget under one block's rows still makes whole blocks
+        assert_eq!(mlp_chunk_rows(100, ld, 1000), 32);
+        for rows in [33, 64, 65, 1000, 4784] {
+            for budget in [32 * 2 * ld, 100 * 2 * ld, 1 << 20] {
+                let chunk = mlp_chunk_rows(rows, ld, budget);
+                assert!(
+                    chunk.is_multiple_of(32) || chunk == rows,
+                    "{rows} rows, {budget} B: {chunk}"
+                );
+                assert!(chunk * 2 * ld <= budget, "{rows} rows, {budget} B: {chunk}");
+            }
+        }
+    }
+
+    #[test]
     fn the_fused_mlp_gives_the_bits_of_its_two_layers_run_one_after_the_other() {
         let seed = std::cell::Cell::new(200);
         let bf16_randn = |shape: &[usize]| {
@@ -1006,15 +1075,31 @@ mod tests {
             let values = t.flatten_all().unwrap().to_vec1::<bf16>().unwrap();
             values.iter().map(|v| v.to_bits()).collect()
         };
-        // growing and shrinking, so that the kept hidden buffer is reused at other sizes
-        for rows in [13, 70, 1, 40] {
+        // growing and shrinking, so that the kept hidden buffer is reused at other sizes; whole,
+        // and in chunks of 32 rows (the last one shorter), 64 and 96 (one chunk here and there)
+        let ld = hidden + 32;
+        for rows in [13, 70, 1, 40, 100] {
             let x = bf16_randn(&[2, rows, dim]);
             let residual = (bf16_randn(&[2, rows, dim]) * 30.0).unwrap();
-            let fused = mlp_plus(&fc1, Activation::QuickGelu, &fc2, &x, &residual).unwrap();
             let hidden_layer = fc1.forward_activated(&x, Activation::QuickGelu).unwrap();
             let separate = fc2.forward_plus(&hidden_layer, &residual).unwrap();
-            assert_eq!(fused.dims(), &[2, rows, dim]);
-            assert_eq!(bits(&fused), bits(&separate), "rows {rows}");
+            for chunk_rows in [usize::MAX / 2 / ld, 32, 64, 96] {
+                let fused = mlp_plus_in_chunks(
+                    &fc1,
+                    Activation::QuickGelu,
+                    &fc2,
+                    &x,
+                    &residual,
+                    chunk_rows * 2 * ld,
+                )
+                .unwrap();
+                assert_eq!(fused.dims(), &[2, rows, dim]);
+                assert_eq!(
+                    bits(&fused),
+                    bits(&separate),
+                    "rows {rows}, chunks of {chunk_rows}"
+                );
+            }
         }
         let err = mlp_plus(
             &fc1,
