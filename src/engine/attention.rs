@@ -366,6 +366,61 @@ mod tests {
     }
 
     #[test]
+    fn fused_kernel_follows_scores_far_above_the_first_chunks() {
+        // keys of the second and third chunk scaled up: their scores (about 70 in exponent
+        // units) would overflow against the first chunk's largest, so the softmax's reference
+        // must move; and the reverse, the first chunk's keys far above the rest
+        let (s, t, heads, d) = (40, 1500, 2, 80);
+        let q = rand((s, heads, d));
+        let v = rand((t, heads, d));
+        let one_thread = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .unwrap();
+        for (from, to) in [(700, 1500), (0, 600)] {
+            let k = rand((t, heads, d));
+            let loud = (k.narrow(0, from, to - from).unwrap() * 40.0).unwrap();
+            let k = Tensor::cat(
+                &[
+                    k.narrow(0, 0, from).unwrap(),
+                    loud,
+                    k.narrow(0, to, t - to).unwrap(),
+                ],
+                0,
+            )
+            .unwrap();
+            let Some(fast) = one_thread.install(|| fused(&q, &k, &v, 0.2, None)).unwrap() else {
+                eprintln!("no AVX-512 on this CPU: the fused kernel is not used here");
+                return;
+            };
+            let slow = matmul_attention(&q, &k, &v, 0.2, None).unwrap();
+            // scores near 70 in exponent units: their f32 rounding alone moves an exponential
+            // by about 10⁻⁵ relative (both kernels differ that much from each other)
+            let finite = |x: &Tensor| {
+                let values = x.flatten_all().unwrap().to_dtype(DType::F32).unwrap();
+                values
+                    .to_vec1::<f32>()
+                    .unwrap()
+                    .iter()
+                    .all(|v| v.is_finite())
+            };
+            assert!(finite(&fast), "f32, keys {from}..{to}: not finite");
+            let diff = max_diff(&fast, &slow);
+            assert!(diff < 1e-4, "f32, keys {from}..{to}: {diff}");
+            let bf = |x: &Tensor| x.to_dtype(DType::BF16).unwrap();
+            let fast = one_thread
+                .install(|| fused(&bf(&q), &bf(&k), &bf(&v), 0.2, None))
+                .unwrap()
+                .expect("bf16 kernel where the f32 one runs");
+            let f = |x: &Tensor| bf(x).to_dtype(DType::F32).unwrap();
+            let slow = matmul_attention(&f(&q), &f(&k), &f(&v), 0.2, None).unwrap();
+            assert!(finite(&fast), "bf16, keys {from}..{to}: not finite");
+            let diff = max_diff(&fast.to_dtype(DType::F32).unwrap(), &slow);
+            assert!(diff < 0.03, "bf16, keys {from}..{to}: {diff}");
+        }
+    }
+
+    #[test]
     fn dense_chunks_give_the_same_result() {
         let (q, k, v) = (rand((5, 1, 4)), rand((5, 1, 4)), rand((5, 1, 4)));
         let full = dense(&q, &k, &v, 1.0, Some(0)).unwrap();

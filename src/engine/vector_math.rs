@@ -45,6 +45,36 @@ unsafe fn max_avx512(row: &[f32]) -> f32 {
     row[whole..].iter().copied().fold(max, f32::max)
 }
 
+/// `dst[i] = dst[i] · factor + src[i]` (a fused multiply-add per lane with AVX-512).
+pub fn scale_add(dst: &mut [f32], factor: f32, src: &[f32]) {
+    let len = dst.len().min(src.len());
+    let mut whole = 0;
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        whole = len / 16 * 16;
+        // SAFETY: AVX-512F was detected just above; `whole` ≤ both lengths.
+        unsafe { scale_add_avx512(&mut dst[..whole], factor, &src[..whole]) };
+    }
+    for (d, &x) in dst[whole..len].iter_mut().zip(&src[whole..len]) {
+        *d = *d * factor + x;
+    }
+}
+
+/// [`scale_add`] on whole groups of sixteen (the lengths are equal multiples of 16).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn scale_add_avx512(dst: &mut [f32], factor: f32, src: &[f32]) {
+    use std::arch::x86_64::{_mm512_fmadd_ps, _mm512_loadu_ps, _mm512_set1_ps, _mm512_storeu_ps};
+    let f = _mm512_set1_ps(factor);
+    for (d, s) in dst.chunks_exact_mut(16).zip(src.chunks_exact(16)) {
+        // SAFETY: sixteen values each.
+        unsafe {
+            let y = _mm512_fmadd_ps(_mm512_loadu_ps(d.as_ptr()), f, _mm512_loadu_ps(s.as_ptr()));
+            _mm512_storeu_ps(d.as_mut_ptr(), y);
+        }
+    }
+}
+
 /// `dst[i] = bf16(src[i] · scale)`, rounded to nearest even as `bf16::from_f32`.
 pub fn round_to_bf16(src: &[f32], scale: f32, dst: &mut [bf16]) {
     #[cfg(target_arch = "x86_64")]
@@ -207,8 +237,9 @@ unsafe fn exp_shifted_avx512<const BF16: bool>(
 /// - one instruction rounds thirty-two lanes to bf16 (nearest even; values under 2⁻¹²⁶, which no
 ///   product will notice, become zero).
 ///
-/// There is no clamp: `u` is at most ½ (or −∞), and a very negative one underflows to zero in
-/// the scaling. About nine vector operations per sixteen lanes; the exponentials are the largest
+/// There is no clamp: `u` is at most ½ (or −∞) when `max` is the largest value, a very negative
+/// one underflows to zero in the scaling, and above 128 (a `max` far below the values, which
+/// attention allows) the values and the sum become infinite. About nine vector operations per sixteen lanes; the exponentials are the largest
 /// part of attention's time after the products.
 ///
 /// # Safety
