@@ -83,6 +83,15 @@ pub use arch::block;
 /// As [`block`], with 16 rows of A and C.
 pub use arch::half_block;
 
+/// [`block`] on its first 16 columns (two tiles of A, one of the panel, two of C):
+/// `C[32 × 16] = start + A[32 × 2·pairs] · panel[.., 0..16]`, half the multiplies, for a product's
+/// last panel when at most 16 of its columns are used (attention's values for a head size of 80:
+/// two panels and this instead of three panels). Columns 16–31 of C are not touched.
+///
+/// # Safety
+/// As [`block`], with 16 columns of C (and of the bias).
+pub use arch::narrow_block;
+
 /// The block functions a product runs: the tiles', or in tests their models.
 #[derive(Clone, Copy)]
 pub struct Blocks {
@@ -90,66 +99,81 @@ pub struct Blocks {
     pub full: BlockFn,
     /// 16 rows ([`half_block`]).
     pub half: BlockFn,
+    /// 16 columns ([`narrow_block`]).
+    pub narrow: BlockFn,
 }
 
-/// [`block`] and [`half_block`].
+/// [`block`], [`half_block`] and [`narrow_block`].
 pub const TILES: Blocks = Blocks {
     full: block,
     half: half_block,
+    narrow: narrow_block,
 };
 
-/// [`model_block`] and [`model_half_block`].
+/// [`model_block`], [`model_half_block`] and [`model_narrow_block`].
 #[cfg(test)]
 pub const MODELS: Blocks = Blocks {
     full: model_block,
     half: model_half_block,
+    narrow: model_narrow_block,
 };
 
-/// [`block`] in plain Rust, in `TDPBF16PS`'s order (per row, per pair, both products added to
-/// the f32 sum), for testing the code around the tiles on machines without AMX.
-///
-/// # Safety
-/// As [`block`], without the tiles.
-#[cfg(test)]
-pub unsafe fn model_block(
-    a: *const u16,
-    lda: usize,
-    panel: *const u16,
-    pairs: usize,
-    c: *mut f32,
-    ldc: usize,
-    start: Start,
-) {
-    // SAFETY: the caller's contract, for 32 rows.
-    unsafe { model_rows(BLOCK, a, lda, panel, pairs, c, ldc, start) }
+/// A model block: [`model_rows`] on a block's rows and columns.
+macro_rules! model_block_fn {
+    ($(#[$doc:meta])* $name:ident, $shape:expr) => {
+        $(#[$doc])*
+        #[cfg(test)]
+        pub unsafe fn $name(
+            a: *const u16,
+            lda: usize,
+            panel: *const u16,
+            pairs: usize,
+            c: *mut f32,
+            ldc: usize,
+            start: Start,
+        ) {
+            // SAFETY: the caller's contract, for the block's rows and columns.
+            unsafe { model_rows($shape, a, lda, panel, pairs, c, ldc, start) }
+        }
+    };
 }
 
-/// [`half_block`] in plain Rust (see [`model_block`]).
-///
-/// # Safety
-/// As [`half_block`], without the tiles.
-#[cfg(test)]
-pub unsafe fn model_half_block(
-    a: *const u16,
-    lda: usize,
-    panel: *const u16,
-    pairs: usize,
-    c: *mut f32,
-    ldc: usize,
-    start: Start,
-) {
-    // SAFETY: the caller's contract, for 16 rows.
-    unsafe { model_rows(BLOCK / 2, a, lda, panel, pairs, c, ldc, start) }
-}
+model_block_fn!(
+    /// [`block`] in plain Rust, in `TDPBF16PS`'s order (per row, per pair, both products added
+    /// to the f32 sum), for testing the code around the tiles on machines without AMX.
+    ///
+    /// # Safety
+    /// As [`block`], without the tiles.
+    model_block,
+    (BLOCK, PANEL)
+);
 
-/// The first `rows` rows of [`model_block`].
+model_block_fn!(
+    /// [`half_block`] in plain Rust (see [`model_block`]).
+    ///
+    /// # Safety
+    /// As [`half_block`], without the tiles.
+    model_half_block,
+    (BLOCK / 2, PANEL)
+);
+
+model_block_fn!(
+    /// [`narrow_block`] in plain Rust (see [`model_block`]).
+    ///
+    /// # Safety
+    /// As [`narrow_block`], without the tiles.
+    model_narrow_block,
+    (BLOCK, PANEL / 2)
+);
+
+/// The first `rows` rows and `cols` columns of [`model_block`].
 ///
 /// # Safety
-/// As [`block`], for `rows` rows, without the tiles.
+/// As [`block`], for `rows` rows and `cols` columns, without the tiles.
 #[cfg(test)]
 #[allow(clippy::too_many_arguments)]
 unsafe fn model_rows(
-    rows: usize,
+    (rows, cols): (usize, usize),
     a: *const u16,
     lda: usize,
     panel: *const u16,
@@ -160,7 +184,7 @@ unsafe fn model_rows(
 ) {
     let f = |bits: u16| f32::from_bits((bits as u32) << 16);
     for i in 0..rows {
-        for j in 0..PANEL {
+        for j in 0..cols {
             // SAFETY: the caller's contract on A, the panel and C.
             unsafe {
                 let out = c.add(i * ldc + j);
@@ -267,9 +291,15 @@ impl SelfTest {
 
     /// Zero, bias and accumulate starts, each compared with the exact sums.
     /// `block` is [`block`] (`tiles`: run inside [`with_tiles`]), or in tests its model.
-    /// The full block, then the half block, which must leave rows 16–31 of C as they were.
+    /// The full block, then the half block, which must leave rows 16–31 of C as they were, and
+    /// the narrow one, which must leave columns 16–31.
     fn run(&self, blocks: Blocks, tiles: bool) -> Result<(), String> {
-        for (block, rows) in [(blocks.full, BLOCK), (blocks.half, BLOCK / 2)] {
+        let shapes = [
+            (blocks.full, (BLOCK, PANEL)),
+            (blocks.half, (BLOCK / 2, PANEL)),
+            (blocks.narrow, (BLOCK, PANEL / 2)),
+        ];
+        for (block, shape) in shapes {
             let mut c = vec![f32::NAN; BLOCK * PANEL];
             let product = |c: &mut [f32], start| {
                 let (a, panel) = (self.a.as_ptr(), self.panel.as_ptr());
@@ -282,37 +312,36 @@ impl SelfTest {
                 }
             };
             product(&mut c, Start::Zero);
-            self.check(&c, rows, 0.0, 1.0, "zero")?;
+            self.check(&c, shape, 0.0, 1.0, "zero")?;
             product(&mut c, Start::Bias(&self.bias));
-            self.check(&c, rows, 1.0, 1.0, "bias")?;
+            self.check(&c, shape, 1.0, 1.0, "bias")?;
             product(&mut c, Start::Accumulate);
-            self.check(&c, rows, 1.0, 2.0, "accumulate")?;
+            self.check(&c, shape, 1.0, 2.0, "accumulate")?;
         }
         Ok(())
     }
 
-    /// The first `rows` rows of `c` should hold `biases` times the bias plus `products` times
-    /// the exact product, and the others their NaN.
+    /// The first `rows` rows and `cols` columns of `c` should hold `biases` times the bias plus
+    /// `products` times the exact product, and the others their NaN.
     fn check(
         &self,
         c: &[f32],
-        rows: usize,
+        (rows, cols): (usize, usize),
         biases: f64,
         products: f64,
         start: &str,
     ) -> Result<(), String> {
         for (i, (&got, &sum)) in c.iter().zip(&self.want).enumerate() {
-            if i >= rows * PANEL {
+            let shape = format!("{start} start, {rows} × {cols}");
+            if i / PANEL >= rows || i % PANEL >= cols {
                 if !got.is_nan() {
-                    return Err(format!("{start} start, {rows} rows: {got} at {i}"));
+                    return Err(format!("{shape}: {got} at {i}"));
                 }
                 continue;
             }
             let want = biases * self.bias[i % PANEL] as f64 + products * sum;
             if (got as f64 - want).abs() > 1e-3 {
-                return Err(format!(
-                    "{start} start, {rows} rows: {got} at {i}, want {want}"
-                ));
+                return Err(format!("{shape}: {got} at {i}, want {want}"));
             }
         }
         Ok(())
@@ -401,39 +430,33 @@ mod arch {
         unsafe { asm!("tilerelease", options(nostack, nomem)) };
     }
 
-    /// The start and the store of one pair of C tiles: 16 rows of the block's 32 columns, from
-    /// row `ROW0` of C (the bias has no rows: each of its 16-value halves repeats on every row).
-    macro_rules! c_tile_pair {
-        ($start:ident, $store:ident, $row0:literal, $left:literal, $right:literal) => {
+    /// The start and the store of one C tile: 16 rows of 16 columns of the block, from row
+    /// `ROW0` and column `COL0` of C (the bias has no rows: its 16 values at `COL0` repeat on
+    /// every row).
+    macro_rules! c_tile {
+        ($start:ident, $store:ident, $row0:literal, $col0:literal, $tile:literal) => {
             /// # Safety
-            /// Inside configured tiles; C (or `From`'s block) holds these 16 rows of 32 values.
+            /// Inside configured tiles; C (or `From`'s block) holds these 16 rows of 16 values.
             #[inline(always)]
             unsafe fn $start(start: Start, c: *mut f32, ldc: usize) {
                 let (rows, ld) = match start {
                     Start::Zero => {
                         // SAFETY: the tiles are configured (caller).
-                        unsafe {
-                            asm!(
-                                concat!("tilezero tmm", $left),
-                                concat!("tilezero tmm", $right),
-                                options(nostack, nomem)
-                            )
-                        };
+                        unsafe { asm!(concat!("tilezero tmm", $tile), options(nostack, nomem)) };
                         return;
                     }
                     Start::Bias(bias) => {
-                        debug_assert!(bias.len() >= PANEL);
+                        debug_assert!(bias.len() >= $col0 + 16);
                         // a row stride of zero repeats the 16 bias values on every row
-                        (bias.as_ptr(), 0)
+                        (bias.as_ptr().wrapping_add($col0), 0)
                     }
-                    Start::Accumulate => (c.wrapping_add($row0 * ldc).cast_const(), ldc),
-                    Start::From(from, ld) => (from.wrapping_add($row0 * ld), ld),
+                    Start::Accumulate => (c.wrapping_add($row0 * ldc + $col0).cast_const(), ldc),
+                    Start::From(from, ld) => (from.wrapping_add($row0 * ld + $col0), ld),
                 };
-                // SAFETY: 16 rows of 32 values at `rows`, `ld` apart (caller).
+                // SAFETY: 16 rows of 16 values at `rows`, `ld` apart (caller).
                 unsafe {
                     asm!(
-                        concat!("tileloadd tmm", $left, ", [{c} + {s}*1]"),
-                        concat!("tileloadd tmm", $right, ", [{c} + {s}*1 + 64]"),
+                        concat!("tileloadd tmm", $tile, ", [{c} + {s}*1]"),
                         c = in(reg) rows,
                         s = in(reg) ld * 4,
                         options(nostack, readonly)
@@ -442,15 +465,14 @@ mod arch {
             }
 
             /// # Safety
-            /// Inside configured tiles; C holds these 16 rows of 32 writable values.
+            /// Inside configured tiles; C holds these 16 rows of 16 writable values.
             #[inline(always)]
             unsafe fn $store(c: *mut f32, ldc: usize) {
                 // SAFETY: the caller's contract.
                 unsafe {
                     asm!(
-                        concat!("tilestored [{c} + {s}*1], tmm", $left),
-                        concat!("tilestored [{c} + {s}*1 + 64], tmm", $right),
-                        c = in(reg) c.wrapping_add($row0 * ldc),
+                        concat!("tilestored [{c} + {s}*1], tmm", $tile),
+                        c = in(reg) c.wrapping_add($row0 * ldc + $col0),
                         s = in(reg) ldc * 4,
                         options(nostack)
                     )
@@ -458,100 +480,99 @@ mod arch {
             }
         };
     }
-    c_tile_pair!(start_upper, store_upper, 0, 0, 1);
-    c_tile_pair!(start_lower, store_lower, 16, 2, 3);
+    // rows 0–15 in tiles 0 (columns 0–15) and 1 (16–31), rows 16–31 in tiles 2 and 3
+    c_tile!(start_c0, store_c0, 0, 0, 0);
+    c_tile!(start_c1, store_c1, 0, 16, 1);
+    c_tile!(start_c2, store_c2, 16, 0, 2);
+    c_tile!(start_c3, store_c3, 16, 16, 3);
 
-    /// See [`super::block`] (re-exported there, documented there).
-    #[allow(clippy::too_many_arguments)]
-    pub unsafe fn block(
-        a: *const u16,
-        lda: usize,
-        panel: *const u16,
-        pairs: usize,
-        c: *mut f32,
-        ldc: usize,
-        start: Start,
-    ) {
-        debug_assert!(pairs > 0 && pairs.is_multiple_of(PAIRS_PER_STEP));
-        let lda_bytes = lda * 2;
-        // SAFETY (all blocks): the caller's contract on A, the panel and C; the tiles are
-        // configured as 16 rows of 64 bytes.
-        unsafe {
-            start_upper(start, c, ldc);
-            start_lower(start, c, ldc);
-            // per step: 16 pairs of k, i.e. 64 bytes of each A row and 16 rows of 128 bytes
-            // of the panel (its left 16 columns in the first 64 bytes of a row, the right 16 in
-            // the next 64)
-            asm!(
-                ".p2align 6",
-                "2:",
-                "tileloadd tmm4, [{a} + {sa}*1]",
-                "tileloadd tmm5, [{a2} + {sa}*1]",
-                "tileloadd tmm6, [{b} + {sb}*1]",
-                "tileloadd tmm7, [{b} + {sb}*1 + 64]",
-                "tdpbf16ps tmm0, tmm4, tmm6",
-                "tdpbf16ps tmm1, tmm4, tmm7",
-                "tdpbf16ps tmm2, tmm5, tmm6",
-                "tdpbf16ps tmm3, tmm5, tmm7",
-                "add {a}, 64",
-                "add {a2}, 64",
-                "add {b}, {b_step}",
-                "dec {steps}",
-                "jnz 2b",
-                a = inout(reg) a => _,
-                a2 = inout(reg) a.wrapping_add(16 * lda) => _,
-                sa = in(reg) lda_bytes,
-                b = inout(reg) panel => _,
-                sb = in(reg) 2 * PANEL * 2,
-                b_step = in(reg) PAIRS_PER_STEP * 2 * PANEL * 2,
-                steps = inout(reg) pairs / PAIRS_PER_STEP => _,
-                options(nostack, readonly)
-            );
-            store_upper(c, ldc);
-            store_lower(c, ldc);
-        }
+    /// A block function: its C tiles started, then per step (16 pairs of `k`: 64 bytes of each
+    /// A row, and 16 rows of 128 bytes of the panel, its left 16 columns in the first 64 bytes
+    /// of a row and the right 16 in the next 64) the given tile loads and multiplies (A's rows
+    /// 0–15 at `{a}`, 16–31 at `{a2}`, the panel at `{b}`), then its C tiles stored.
+    macro_rules! amx_block {
+        ($(#[$doc:meta])* $name:ident, [$(($start:ident, $store:ident)),+], [$($step:literal),+ $(,)?]) => {
+            $(#[$doc])*
+            #[allow(clippy::too_many_arguments)]
+            pub unsafe fn $name(
+                a: *const u16,
+                lda: usize,
+                panel: *const u16,
+                pairs: usize,
+                c: *mut f32,
+                ldc: usize,
+                start: Start,
+            ) {
+                debug_assert!(pairs > 0 && pairs.is_multiple_of(PAIRS_PER_STEP));
+                // SAFETY: the caller's contract on A, the panel and C (the rows and columns
+                // this block's tiles cover); the tiles are configured as 16 rows of 64 bytes.
+                unsafe {
+                    $($start(start, c, ldc);)+
+                    asm!(
+                        ".p2align 6",
+                        "2:",
+                        $($step,)+
+                        "add {a}, 64",
+                        "add {a2}, 64",
+                        "add {b}, {b_step}",
+                        "dec {steps}",
+                        "jnz 2b",
+                        a = inout(reg) a => _,
+                        a2 = inout(reg) a.wrapping_add(16 * lda) => _,
+                        sa = in(reg) lda * 2,
+                        b = inout(reg) panel => _,
+                        sb = in(reg) 2 * PANEL * 2,
+                        b_step = in(reg) PAIRS_PER_STEP * 2 * PANEL * 2,
+                        steps = inout(reg) pairs / PAIRS_PER_STEP => _,
+                        options(nostack, readonly)
+                    );
+                    $($store(c, ldc);)+
+                }
+            }
+        };
     }
 
-    /// See [`super::half_block`]: [`block`]'s upper half (tiles 0, 1, 4, 6 and 7).
-    #[allow(clippy::too_many_arguments)]
-    pub unsafe fn half_block(
-        a: *const u16,
-        lda: usize,
-        panel: *const u16,
-        pairs: usize,
-        c: *mut f32,
-        ldc: usize,
-        start: Start,
-    ) {
-        debug_assert!(pairs > 0 && pairs.is_multiple_of(PAIRS_PER_STEP));
-        let lda_bytes = lda * 2;
-        // SAFETY (all blocks): the caller's contract on 16 rows of A and C and on the panel;
-        // the tiles are configured as 16 rows of 64 bytes.
-        unsafe {
-            start_upper(start, c, ldc);
-            asm!(
-                ".p2align 6",
-                "2:",
-                "tileloadd tmm4, [{a} + {sa}*1]",
-                "tileloadd tmm6, [{b} + {sb}*1]",
-                "tileloadd tmm7, [{b} + {sb}*1 + 64]",
-                "tdpbf16ps tmm0, tmm4, tmm6",
-                "tdpbf16ps tmm1, tmm4, tmm7",
-                "add {a}, 64",
-                "add {b}, {b_step}",
-                "dec {steps}",
-                "jnz 2b",
-                a = inout(reg) a => _,
-                sa = in(reg) lda_bytes,
-                b = inout(reg) panel => _,
-                sb = in(reg) 2 * PANEL * 2,
-                b_step = in(reg) PAIRS_PER_STEP * 2 * PANEL * 2,
-                steps = inout(reg) pairs / PAIRS_PER_STEP => _,
-                options(nostack, readonly)
-            );
-            store_upper(c, ldc);
-        }
-    }
+    amx_block!(
+        /// See [`super::block`] (re-exported there, documented there).
+        block,
+        [(start_c0, store_c0), (start_c1, store_c1), (start_c2, store_c2), (start_c3, store_c3)],
+        [
+            "tileloadd tmm4, [{a} + {sa}*1]",
+            "tileloadd tmm5, [{a2} + {sa}*1]",
+            "tileloadd tmm6, [{b} + {sb}*1]",
+            "tileloadd tmm7, [{b} + {sb}*1 + 64]",
+            "tdpbf16ps tmm0, tmm4, tmm6",
+            "tdpbf16ps tmm1, tmm4, tmm7",
+            "tdpbf16ps tmm2, tmm5, tmm6",
+            "tdpbf16ps tmm3, tmm5, tmm7",
+        ]
+    );
+
+    amx_block!(
+        /// See [`super::half_block`]: [`block`]'s upper half (tiles 0, 1, 4, 6 and 7).
+        half_block,
+        [(start_c0, store_c0), (start_c1, store_c1)],
+        [
+            "tileloadd tmm4, [{a} + {sa}*1]",
+            "tileloadd tmm6, [{b} + {sb}*1]",
+            "tileloadd tmm7, [{b} + {sb}*1 + 64]",
+            "tdpbf16ps tmm0, tmm4, tmm6",
+            "tdpbf16ps tmm1, tmm4, tmm7",
+        ]
+    );
+
+    amx_block!(
+        /// See [`super::narrow_block`]: [`block`]'s left half (tiles 0, 2, 4, 5 and 6).
+        narrow_block,
+        [(start_c0, store_c0), (start_c2, store_c2)],
+        [
+            "tileloadd tmm4, [{a} + {sa}*1]",
+            "tileloadd tmm5, [{a2} + {sa}*1]",
+            "tileloadd tmm6, [{b} + {sb}*1]",
+            "tdpbf16ps tmm0, tmm4, tmm6",
+            "tdpbf16ps tmm2, tmm5, tmm6",
+        ]
+    );
 }
 
 #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
@@ -578,18 +599,8 @@ mod arch {
     ) {
         unreachable!("AMX is never enabled off x86-64 Linux")
     }
-    #[allow(clippy::too_many_arguments)]
-    pub unsafe fn half_block(
-        _: *const u16,
-        _: usize,
-        _: *const u16,
-        _: usize,
-        _: *mut f32,
-        _: usize,
-        _: Start,
-    ) {
-        unreachable!("AMX is never enabled off x86-64 Linux")
-    }
+    pub use block as half_block;
+    pub use block as narrow_block;
 }
 
 #[cfg(test)]
@@ -629,6 +640,12 @@ mod tests {
             ..MODELS
         };
         assert!(test.run(full_as_half, false).is_err());
+        // a "narrow" block that writes all 32 columns
+        let full_as_narrow = Blocks {
+            narrow: model_block,
+            ..MODELS
+        };
+        assert!(test.run(full_as_narrow, false).is_err());
     }
 
     #[cfg(all(target_arch = "x86_64", target_os = "linux"))]

@@ -204,6 +204,14 @@ pub fn attend<T: Element>(q: &[T], k: &[T], v: &[T], shape: AttentionShape) -> O
     // are several times slower.
     let tile = if T::AMX { gemm::tile_multiple() } else { 1 };
     let d_ext = d.next_multiple_of(tile);
+    // The values' product writes `d` columns where its last panel uses at most 16 of them (the
+    // kernel's narrow blocks, half the multiplies: a head size of 80 is two panels and 16
+    // columns), `d_ext` otherwise.
+    let d_out = if tile > 1 && d % tile > tile / 2 {
+        d_ext
+    } else {
+        d
+    };
     // Keys as the "weight" of q·kᵀ (t rows of d) and values transposed for p·v (d rows of t),
     // packed once per key/value head and chunk of keys.
     let kv_stride = kv_heads * d;
@@ -235,7 +243,7 @@ pub fn attend<T: Element>(q: &[T], k: &[T], v: &[T], shape: AttentionShape) -> O
                     };
                     Some((
                         T::pack(&k[first..], (len, d), (len_ext, d_ext), row_major)?,
-                        T::pack(&v[first..], (d, len), (d_ext, len_ext), transposed)?,
+                        T::pack(&v[first..], (d, len), (d_out, len_ext), transposed)?,
                     ))
                 })
                 .collect::<Option<Vec<_>>>()
@@ -361,7 +369,7 @@ pub fn attend<T: Element>(q: &[T], k: &[T], v: &[T], shape: AttentionShape) -> O
                     width,
                     target,
                     d_ext,
-                    d_ext,
+                    d_out,
                     k_used,
                 );
                 if !first {

@@ -710,10 +710,19 @@ impl PackedWeight {
         let main_rows = m / amx::BLOCK * amx::BLOCK;
         // panels p0..whole have all 32 columns
         let whole = (n_cols / NR).clamp(p0, p1);
+        // A last panel with at most 16 columns used runs as narrow blocks (half the multiplies
+        // of a full one) where no epilogue takes whole panels and no tail rows take the 32
+        // columns of their block: attention's values for a head size of 80.
+        let narrow_panel = (done.is_none()
+            && m.is_multiple_of(amx::BLOCK)
+            && (1..=NR / 2).contains(&(n_cols % NR))
+            && whole < p1)
+            .then_some(whole);
+        let blocked_end = whole + usize::from(narrow_panel.is_some());
         let (blocked_panels, rest) = if main_pairs == 0 {
             (p0..p0, p0..p1)
         } else {
-            (p0..whole, whole..p1)
+            (p0..blocked_end, blocked_end..p1)
         };
         let done =
             done.filter(|_| main_pairs == pairs && rest.is_empty() && !blocked_panels.is_empty());
@@ -784,7 +793,8 @@ impl PackedWeight {
                 let last_pass = q0 + chunk == main_pairs;
                 let start = |p: usize| match bias {
                     _ if q0 > 0 => amx::Start::Accumulate,
-                    Some(b) => amx::Start::Bias(&b[p * NR..(p + 1) * NR]),
+                    // (a narrow panel's bias is shorter than 32 values: its block reads 16)
+                    Some(b) => amx::Start::Bias(&b[p * NR..((p + 1) * NR).min(b.len())]),
                     None => amx::Start::Zero,
                 };
                 let panel = |p: usize| packed[p * self.k_padded * NR + q0 * 2 * NR..].as_ptr();
@@ -829,12 +839,18 @@ impl PackedWeight {
                                         let (dest, dest_ld) =
                                             if last { (sums, c_ld) } else { (kept, MACRO) };
                                         // SAFETY: 32 rows of A from `r`, readable to
-                                        // `2·main_pairs`; panel `p` has all 32 columns and
+                                        // `2·main_pairs`; panel `p` has all 32 columns (or
+                                        // is the narrow panel, whose block writes 16) and
                                         // `main_pairs` pairs; the block of sums is inside
                                         // `local`, this thread's columns of C, or
                                         // `macro_sums`.
+                                        let block = if narrow_panel == Some(p) {
+                                            blocks.narrow
+                                        } else {
+                                            blocks.full
+                                        };
                                         unsafe {
-                                            (blocks.full)(
+                                            block(
                                                 a.add(r * lda + 2 * (q0 + k0)),
                                                 lda,
                                                 panel(p).add(k0 * 2 * NR),
@@ -1579,6 +1595,11 @@ mod tests {
             // rows left over
             (100, 32 * 20, 1024),
             (200, 32 * 20, 1024),
+            // a last panel of at most 16 columns as narrow blocks (whole block rows, no
+            // epilogue): after two panels, after one in 64 × 64 macro blocks, alone
+            (64, 80, 96),
+            (128, 48, 1024),
+            (160, 16, 64),
         ];
         for (m, n, k) in shapes {
             let bf = |v: Vec<f32>| -> Vec<bf16> { v.iter().map(|&x| bf16::from_f32(x)).collect() };
