@@ -327,20 +327,24 @@ fn split<T: WithDType + bytemuck::Zeroable, C: WithDType>(
 type RotateLanes<T, C> = unsafe fn(*const T, *mut T, usize, usize, *const C, *const C);
 
 /// The vectorised rotation of bf16 values with f32 tables (the vision tower) on CPUs with
-/// AVX-512, else `None` (the scalar loop).
+/// AVX-512 (F and BW), else `None` (the scalar loop).
 fn bf16_f32_lanes() -> Option<RotateLanes<bf16, f32>> {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
+    if std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("avx512bw")
+    {
         return Some(rotate_bf16_f32_avx512);
     }
     None
 }
 
-/// The vectorised rotation of bf16 values with bf16 tables (the decoder) on CPUs with AVX-512,
-/// else `None` (the scalar loop).
+/// The vectorised rotation of bf16 values with bf16 tables (the decoder) on CPUs with AVX-512
+/// (F and BW), else `None` (the scalar loop).
 fn bf16_bf16_lanes() -> Option<RotateLanes<bf16, bf16>> {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
+    if std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("avx512bw")
+    {
         return Some(rotate_bf16_bf16_avx512);
     }
     None
@@ -348,12 +352,12 @@ fn bf16_bf16_lanes() -> Option<RotateLanes<bf16, bf16>> {
 
 /// The decoder's rotation sixteen pairs at a time: [`rotate_bf16_bf16`]'s bf16 ops, each product
 /// rounded to bf16 and kept in f32, then the difference or sum rounded, so that the bits match
-/// it; the pairs past the last sixteen go through it in scalar code.
+/// it.
 ///
 /// # Safety
-/// AVX-512F; `src` and `dst` hold `len` values (whole heads of `d`), the tables `d / 2`.
+/// AVX-512F and BW; `src` and `dst` hold `len` values (whole heads of `d`), the tables `d / 2`.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
+#[target_feature(enable = "avx512f,avx512bw")]
 unsafe fn rotate_bf16_bf16_avx512(
     src: *const bf16,
     dst: *mut bf16,
@@ -362,7 +366,7 @@ unsafe fn rotate_bf16_bf16_avx512(
     cos: *const bf16,
     sin: *const bf16,
 ) {
-    use super::vector_math::{load_bf16, round_bf16_avx512 as round};
+    use super::vector_math::{load_bf16_first, round_bf16_avx512 as round};
     use std::arch::x86_64::*;
     let product = |a, b| round(_mm512_mul_ps(a, b));
     // SAFETY: the caller's contract.
@@ -370,27 +374,25 @@ unsafe fn rotate_bf16_bf16_avx512(
         rotate_heads_avx512(
             (src, dst, len, d),
             (cos, sin),
-            |p| load_bf16(p),
+            |p, count| load_bf16_first(p, count),
             |(x1, x2), (c, s)| {
                 (
                     _mm512_sub_ps(product(x1, c), product(x2, s)),
                     _mm512_add_ps(product(x1, s), product(x2, c)),
                 )
             },
-            rotate_bf16_bf16,
         )
     }
 }
 
 /// The vision tower's rotation sixteen pairs at a time, with the scalar expressions' operations
 /// in the same order (a product each, then the difference or sum, no fused multiply-add), so
-/// that the bits match them; the pairs past the last sixteen go through the same expressions
-/// in scalar code.
+/// that the bits match them.
 ///
 /// # Safety
-/// AVX-512F; `src` and `dst` hold `len` values (whole heads of `d`), the tables `d / 2`.
+/// AVX-512F and BW; `src` and `dst` hold `len` values (whole heads of `d`), the tables `d / 2`.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
+#[target_feature(enable = "avx512f,avx512bw")]
 unsafe fn rotate_bf16_f32_avx512(
     src: *const bf16,
     dst: *mut bf16,
@@ -405,54 +407,55 @@ unsafe fn rotate_bf16_f32_avx512(
         rotate_heads_avx512(
             (src, dst, len, d),
             (cos, sin),
-            |p| _mm512_loadu_ps(p),
+            // (masked lanes are not read)
+            |p, count| match count {
+                16 => _mm512_loadu_ps(p),
+                _ => _mm512_maskz_loadu_ps(((1u32 << count) - 1) as u16, p),
+            },
             |(x1, x2), (c, s)| {
                 (
                     _mm512_sub_ps(_mm512_mul_ps(x1, c), _mm512_mul_ps(x2, s)),
                     _mm512_add_ps(_mm512_mul_ps(x1, s), _mm512_mul_ps(x2, c)),
                 )
             },
-            rotate_bf16_f32,
         )
     }
 }
 
 /// The loops of the vectorised rotations: per head, sixteen pairs at a time through `sixteen`
-/// (the halves widened to f32, the tables through `widen`; the results rounded to bf16), the
-/// pairs past the last sixteen through `one`.
+/// (the halves widened to f32, the tables through `widen`; the results rounded to bf16), and the
+/// pairs past the last sixteen (a head size of 80 has 8) the same way in masked lanes: in
+/// scalar code they took most of the vision tower's rotation.
 ///
 /// # Safety
-/// AVX-512F; `src` and `dst` hold `len` values (whole heads of `d`), the tables `d / 2`;
-/// `widen` reads sixteen table values.
+/// AVX-512F and BW; `src` and `dst` hold `len` values (whole heads of `d`), the tables `d / 2`;
+/// `widen(p, count)` reads `count` (at most 16) table values.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
+#[target_feature(enable = "avx512f,avx512bw")]
 #[inline]
 unsafe fn rotate_heads_avx512<C: Copy>(
     (src, dst, len, d): (*const bf16, *mut bf16, usize, usize),
     (cos, sin): (*const C, *const C),
-    widen: impl Fn(*const C) -> std::arch::x86_64::__m512,
+    widen: impl Fn(*const C, usize) -> std::arch::x86_64::__m512,
     sixteen: impl Fn(
         (std::arch::x86_64::__m512, std::arch::x86_64::__m512),
         (std::arch::x86_64::__m512, std::arch::x86_64::__m512),
     ) -> (std::arch::x86_64::__m512, std::arch::x86_64::__m512),
-    one: impl Fn((bf16, bf16), (C, C)) -> (bf16, bf16),
 ) {
-    use super::vector_math::{load_bf16, store_bf16};
+    use super::vector_math::{load_bf16_first, store_bf16_first};
     let half = d / 2;
-    let whole = half / 16 * 16;
-    // SAFETY: every offset stays inside a head (`i + 16 ≤ whole ≤ half`), the tables' `half`.
+    // SAFETY: every offset stays inside a head (`i + count ≤ half`), the tables' `half`.
     unsafe {
         for head in (0..len).step_by(d) {
             let (x, y) = (src.add(head), dst.add(head));
-            for i in (0..whole).step_by(16) {
-                let halves = (load_bf16(x.add(i)), load_bf16(x.add(half + i)));
-                let (first, second) = sixteen(halves, (widen(cos.add(i)), widen(sin.add(i))));
-                store_bf16(y.add(i), first);
-                store_bf16(y.add(half + i), second);
-            }
-            for i in whole..half {
-                (*y.add(i), *y.add(half + i)) =
-                    one((*x.add(i), *x.add(half + i)), (*cos.add(i), *sin.add(i)));
+            for i in (0..half).step_by(16) {
+                let count = 16.min(half - i);
+                let load = |p: *const bf16| load_bf16_first(p, count);
+                let halves = (load(x.add(i)), load(x.add(half + i)));
+                let tables = (widen(cos.add(i), count), widen(sin.add(i), count));
+                let (first, second) = sixteen(halves, tables);
+                store_bf16_first(y.add(i), first, count);
+                store_bf16_first(y.add(half + i), second, count);
             }
         }
     }

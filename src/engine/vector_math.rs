@@ -396,6 +396,41 @@ pub(crate) unsafe fn load_bf16(src: *const bf16) -> std::arch::x86_64::__m512 {
     _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(raw)))
 }
 
+/// The first `count` (at most 16) bf16 values at `src` widened to f32, the other lanes zero (and
+/// not read).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+#[inline]
+pub(crate) unsafe fn load_bf16_first(src: *const bf16, count: usize) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    debug_assert!(count <= 16);
+    if count == 16 {
+        // SAFETY: as below, all sixteen.
+        return unsafe { load_bf16(src) };
+    }
+    // SAFETY: the caller hands `count` readable values at `src`; masked lanes are not read.
+    let raw = unsafe { _mm512_maskz_loadu_epi16((1u32 << count) - 1, src.cast()) };
+    let raw = _mm512_castsi512_si256(raw);
+    _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(raw)))
+}
+
+/// Rounds the first `count` (at most 16) f32 lanes to bf16 (nearest even) and stores them at
+/// `dst`; nothing past them is written.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+#[inline]
+pub(crate) unsafe fn store_bf16_first(dst: *mut bf16, x: std::arch::x86_64::__m512, count: usize) {
+    use std::arch::x86_64::*;
+    debug_assert!(count <= 16);
+    if count == 16 {
+        // SAFETY: as below, all sixteen.
+        return unsafe { store_bf16(dst, x) };
+    }
+    let rounded = _mm512_castsi256_si512(_mm512_cvtepi32_epi16(round_bf16_bits(x)));
+    // SAFETY: the caller hands `count` writable values at `dst`; masked lanes are not written.
+    unsafe { _mm512_mask_storeu_epi16(dst.cast(), (1u32 << count) - 1, rounded) };
+}
+
 /// `1 / (1 + exp(x · k))` on sixteen lanes, to about 2 ulp: `exp(x · k) = 2ᵘ⁻½` with
 /// `u = x · k · log₂e + ½` (`k_log2e` is `k · log₂e`), `2ᵘ⁻½ = 2^⌊u⌋ · 2^(f−½)` with `f` from
 /// `vreduceps` and a degree-5 polynomial (10⁻⁷ relative), and the reciprocal from `vrcp14ps`
