@@ -1678,13 +1678,18 @@ mod tests {
         let packed =
             PackedWeight::pack_bf16(&w, n, k, Strides::row_major(k), Placement::Scratch).unwrap();
         // (rows: one, a partial tile, tiles and a rest; columns: whole panels, a half panel
-        // after whole ones, a half panel alone, 18 columns after a whole panel; k: all, fewer)
+        // after whole ones, a half panel alone, 18 columns after a whole panel; k: all, fewer);
+        // whole blocks of 32 rows run on AMX where the CPU has it, a half panel as a narrow
+        // block (with pairs of `k` left past the tiles' steps, and without)
         for (m, cols, k_used) in [
             (1, 80, 40),
             (5, 37, 26),
             (26, 80, 40),
             (24, 16, 40),
             (13, 50, 12),
+            (64, 80, 40),
+            (32, 16, 40),
+            (96, 80, 32),
         ] {
             let lda = k + 3;
             let a: Vec<bf16> = values(m * lda, 7)
