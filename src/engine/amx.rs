@@ -331,17 +331,17 @@ impl SelfTest {
         products: f64,
         start: &str,
     ) -> Result<(), String> {
+        let shape = || format!("{start} start, {rows} × {cols}");
         for (i, (&got, &sum)) in c.iter().zip(&self.want).enumerate() {
-            let shape = format!("{start} start, {rows} × {cols}");
             if i / PANEL >= rows || i % PANEL >= cols {
                 if !got.is_nan() {
-                    return Err(format!("{shape}: {got} at {i}"));
+                    return Err(format!("{}: {got} at {i}", shape()));
                 }
                 continue;
             }
             let want = biases * self.bias[i % PANEL] as f64 + products * sum;
             if (got as f64 - want).abs() > 1e-3 {
-                return Err(format!("{shape}: {got} at {i}, want {want}"));
+                return Err(format!("{}: {got} at {i}, want {want}", shape()));
             }
         }
         Ok(())

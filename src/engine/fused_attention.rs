@@ -1,9 +1,9 @@
 //! Attention on the CPU through the [`super::gemm`] kernel: for each head and block of queries,
 //! the scores against every visible key go into one small f32 buffer (never a heads × S × T
 //! tensor), become exponentials shifted by a reference score (vectorised) and are multiplied
-//! with the values; each output row is divided by its sum at the end. bf16 inputs multiply in bf16 with f32 sums,
-//! with the exponentials rounded to bf16 before the second product, as PyTorch's CPU flash
-//! kernel does; f32 stays f32 throughout.
+//! with the values; each output row is divided by its sum at the end. bf16 inputs multiply in
+//! bf16 with f32 sums, with the exponentials rounded to bf16 before the second product, as
+//! PyTorch's CPU flash kernel does; f32 stays f32 throughout.
 
 use half::bf16;
 use rayon::prelude::*;

@@ -276,34 +276,28 @@ fn mlp_plus_in_chunks(
                 if hidden_rows.len() < chunk * ld {
                     hidden_rows.resize(chunk * ld, bf16::ZERO);
                 }
-                // not zeroed first: each chunk's second product finishes every value of its rows
-                let mut out: Vec<bf16> = Vec::with_capacity(rows * n);
-                let dst = SharedOut(out.spare_capacity_mut().as_mut_ptr().cast::<bf16>());
                 let finish = residual_finish(r);
-                for first_row in (0..rows).step_by(chunk) {
-                    let here = chunk.min(rows - first_row);
-                    let h = SharedOut(hidden_rows.as_mut_ptr());
-                    let x_rows = &a[first_row * k..(first_row + here) * k];
-                    with_kept_sums(w1, x_rows, (here, k), b1, 1, |row, first, values| {
-                        // SAFETY: each thread writes only its own columns of each row, inside
-                        // the buffer (chunk × ld, ld > hidden).
-                        let out = unsafe { h.slice(row * ld + first, values.len()) };
-                        activation.apply_to_bf16(values, out);
-                    });
-                    let a2 = &hidden_rows[..here * ld];
-                    with_kept_sums(w2, a2, (here, ld), b2, 1, |row, first, values| {
-                        let offset = (first_row + row) * n + first;
-                        // SAFETY: each thread finishes only its own columns of each row of
-                        // `out` (rows × n).
-                        let out = unsafe { dst.slice(offset, values.len()) };
-                        finish(offset, values, out);
-                    });
-                }
-                // SAFETY: every chunk's second product finished every row of every thread's
-                // columns (see `PackedWeight::matmul_bf16_then`): all `rows × n` values.
-                unsafe { out.set_len(rows * n) };
+                let fill = |out: &SharedOut<bf16>| {
+                    for first_row in (0..rows).step_by(chunk) {
+                        let here = chunk.min(rows - first_row);
+                        let h = SharedOut(hidden_rows.as_mut_ptr());
+                        let x_rows = &a[first_row * k..(first_row + here) * k];
+                        with_kept_sums(w1, x_rows, (here, k), b1, 1, |row, first, values| {
+                            // SAFETY: each thread writes only its own columns of each row,
+                            // inside the buffer (chunk × ld, ld > hidden).
+                            let out = unsafe { h.slice(row * ld + first, values.len()) };
+                            activation.apply_to_bf16(values, out);
+                        });
+                        let a2 = &hidden_rows[..here * ld];
+                        finish_into(w2, a2, (here, ld), b2, 1, (out, first_row), &finish);
+                    }
+                };
+                // SAFETY: every chunk's second product finishes every row of its chunk in
+                // every thread's columns (see `PackedWeight::matmul_bf16_then`), and the chunks
+                // cover all rows: all `rows × n` values.
+                let y = unsafe { rows_finished(rows, n, dims, fill) };
                 HIDDEN.set(hidden_rows);
-                Tensor::from_vec(out, dims, &Device::Cpu)
+                y
             })
         });
     }
@@ -786,21 +780,56 @@ fn packed_bf16_rows(
     dims: Vec<usize>,
     finish: impl Fn(usize, &[f32], &mut [bf16]) + Sync,
 ) -> candle_core::Result<Tensor> {
-    let width = w.n() / group;
-    // not zeroed first (12 MB for the vision MLP's hidden layer at 640×360): `finish` writes
-    // every value, each thread its own columns of every row, before the length is set
+    // SAFETY: the product calls `finish` on every row of every thread's columns (see
+    // `PackedWeight::matmul_bf16_then`), which writes all `rows × n / group` values.
+    unsafe {
+        rows_finished(rows, w.n() / group, dims, |out| {
+            finish_into(w, a, (rows, lda), bias, group, (out, 0), &finish)
+        })
+    }
+}
+
+/// A bf16 tensor of `rows × width` values shaped `dims`, written by `fill` through the
+/// [`SharedOut`] it gets (by [`finish_into`]). Not zeroed first (12 MB for the vision MLP's hidden
+/// layer at 640×360).
+///
+/// # Safety
+/// `fill` writes every one of the `rows × width` values.
+unsafe fn rows_finished(
+    rows: usize,
+    width: usize,
+    dims: Vec<usize>,
+    fill: impl FnOnce(&SharedOut<bf16>),
+) -> candle_core::Result<Tensor> {
     let mut out: Vec<bf16> = Vec::with_capacity(rows * width);
-    let dst = SharedOut(out.spare_capacity_mut().as_mut_ptr().cast::<bf16>());
-    with_kept_sums(w, a, (rows, lda), bias, group, |row, first, values| {
-        // SAFETY: each thread finishes only its own columns of `out` (rows × width).
-        let offset = row * width + first / group;
-        let out = unsafe { dst.slice(offset, values.len() / group) };
-        finish(offset, values, out);
-    });
-    // SAFETY: the product called `finish` on every row of every thread's columns, which wrote
-    // all `rows × width` values (see `PackedWeight::matmul_bf16_then`).
+    fill(&SharedOut(
+        out.spare_capacity_mut().as_mut_ptr().cast::<bf16>(),
+    ));
+    // SAFETY: `fill` wrote all `rows × width` values (the caller's contract).
     unsafe { out.set_len(rows * width) };
     Tensor::from_vec(out, dims, &Device::Cpu)
+}
+
+/// `x · wᵀ + bias` for `rows` rows of `a` (`lda` apart) through [`with_kept_sums`], each row's
+/// sums finished by `finish(offset, sums, out)` into row `first_row + row` of `out`, a row-major
+/// output `w.n() / group` wide (see [`packed_bf16_into`]).
+fn finish_into(
+    w: &PackedWeight,
+    a: &[bf16],
+    (rows, lda): (usize, usize),
+    bias: Option<&[f32]>,
+    group: usize,
+    (out, first_row): (&SharedOut<bf16>, usize),
+    finish: &(impl Fn(usize, &[f32], &mut [bf16]) + Sync),
+) {
+    let width = w.n() / group;
+    with_kept_sums(w, a, (rows, lda), bias, group, |row, first, values| {
+        let offset = (first_row + row) * width + first / group;
+        // SAFETY: each thread finishes only its own columns of each row of `out`, inside the
+        // output the caller allocated (rows_finished's `rows × width`).
+        let out = unsafe { out.slice(offset, values.len() / group) };
+        finish(offset, values, out);
+    });
 }
 
 /// `PackedWeight::matmul_bf16_then` with this thread's kept sums as its working space.

@@ -239,8 +239,8 @@ unsafe fn exp_shifted_avx512<const BF16: bool>(
 ///
 /// There is no clamp: `u` is at most ½ (or −∞) when `max` is the largest value, a very negative
 /// one underflows to zero in the scaling, and above 128 (a `max` far below the values, which
-/// attention allows) the values and the sum become infinite. About nine vector operations per sixteen lanes; the exponentials are the largest
-/// part of attention's time after the products.
+/// attention allows) the values and the sum become infinite. About nine vector operations per
+/// sixteen lanes; the exponentials are the largest part of attention's time after the products.
 ///
 /// # Safety
 /// AVX512-BF16 and AVX512-DQ; `dst` is as long as `src`.
