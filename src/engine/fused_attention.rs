@@ -458,6 +458,13 @@ fn attend_one_query<T: Element>(q: &[T], k: &[T], v: &[T], shape: AttentionShape
             }
             return;
         }
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            // SAFETY: AVX2 and FMA were detected just above.
+            unsafe { attend_one_head_avx2(q, k, v, shape, h, out) };
+            return;
+        }
         attend_one_head(q, k, v, shape, h, out);
     });
     out.into_iter().map(T::from_f32).collect()
@@ -468,6 +475,20 @@ fn attend_one_query<T: Element>(q: &[T], k: &[T], v: &[T], shape: AttentionShape
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn attend_one_head_avx512<T: Element>(
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    shape: AttentionShape,
+    h: usize,
+    out: &mut [f32],
+) {
+    attend_one_head(q, k, v, shape, h, out)
+}
+
+/// [`attend_one_head`] compiled for AVX2 and FMA (CPUs without AVX-512): eight lanes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn attend_one_head_avx2<T: Element>(
     q: &[T],
     k: &[T],
     v: &[T],

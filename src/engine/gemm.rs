@@ -8,8 +8,9 @@
 //! accumulate in f32 over the whole `k` before the result is rounded once to the output dtype.
 //! Where the CPU has AMX-BF16 (and Linux grants it), bf16 products of 32 rows or more run their
 //! 32 × 32 blocks on the tiles ([`super::amx`]) and only the remainders on the AVX-512 tiles.
-//! The kernel is chosen at run time ([`Kernel::detect`]); without AVX-512 callers fall back to
-//! candle.
+//! CPUs with AVX2 and FMA but no AVX-512 run the same loops on 6 × 16 sub-tiles of the 16 ymm
+//! registers ([`avx2`]), bf16 widened to f32 there. The kernel is chosen at run time
+//! ([`Kernel::detect`]); without AVX2 callers fall back to candle.
 //!
 //! Loops: threads split the panels; each walks `k` in blocks, then groups of panels, then rows in
 //! blocks of [`MC`] (bf16: copied as `[pair][row]` per 12-row tile, one contiguous stream for the
@@ -22,6 +23,9 @@ use rayon::prelude::*;
 
 use super::amx;
 use super::weight_buffer::{Placement, WeightBuffer};
+
+#[cfg(target_arch = "x86_64")]
+mod avx2;
 
 /// Output columns per panel (two 16-lane registers).
 const NR: usize = 32;
@@ -36,6 +40,9 @@ const NC_PANELS: usize = 16;
 const KC_BF16: usize = 2048;
 /// f32 `k` values per block (attention only): one panel's block is 32 × 128 × 4 bytes = 16 KiB.
 const KC_F32: usize = 128;
+/// `k` values per block of the AVX2 kernel's bf16 products, whose panels are widened to f32 a
+/// block at a time (32 KiB, L1) and whose rows of A, widened, take 96 KiB per [`MC`] rows (L2).
+const KC_WIDE: usize = 256;
 
 /// Which instruction set the kernel can use on this CPU.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,10 +51,13 @@ pub enum Kernel {
     Avx512,
     /// AVX-512F and AVX512-BF16: f32 and bf16 tiles.
     Avx512Bf16,
+    /// AVX2 and FMA, no AVX-512: f32 and bf16 tiles, bf16 widened to f32 in registers
+    /// ([`avx2`]).
+    Avx2,
 }
 
 impl Kernel {
-    /// The best kernel this CPU runs, or `None` (no AVX-512: callers use candle's matmul).
+    /// The best kernel this CPU runs, or `None` (no AVX2 and FMA: callers use candle's matmul).
     pub fn detect() -> Option<Self> {
         #[cfg(target_arch = "x86_64")]
         {
@@ -57,12 +67,18 @@ impl Kernel {
                 }
                 return Some(Self::Avx512);
             }
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
+                return Some(Self::Avx2);
+            }
         }
         None
     }
 
+    /// Whether bf16 weights pack and multiply on this kernel.
     pub fn has_bf16(self) -> bool {
-        self == Self::Avx512Bf16
+        matches!(self, Self::Avx512Bf16 | Self::Avx2)
     }
 }
 
@@ -82,6 +98,8 @@ pub struct PackedWeight {
     /// `k` rounded up to the packing's step (2 for bf16).
     k_padded: usize,
     panels: Panels,
+    /// The tiles that multiply it (the panels are the same for every kernel).
+    kernel: Kernel,
 }
 
 /// How one element of the source matrix is addressed: `W[r][c]` at `r * row_stride + c * col_stride`.
@@ -180,7 +198,7 @@ impl PackedWeight {
         s: Strides,
         placement: Placement,
     ) -> Option<Self> {
-        Kernel::detect()?;
+        let kernel = Kernel::detect()?;
         assert!(
             n <= n_total && k <= k_total,
             "extension smaller than the matrix"
@@ -202,6 +220,7 @@ impl PackedWeight {
             k: k_total,
             k_padded: k_total,
             panels: Panels::F32(out),
+            kernel,
         })
     }
 
@@ -227,9 +246,7 @@ impl PackedWeight {
         s: Strides,
         placement: Placement,
     ) -> Option<Self> {
-        if !Kernel::detect()?.has_bf16() {
-            return None;
-        }
+        let kernel = Kernel::detect().filter(|k| k.has_bf16())?;
         assert!(
             n <= n_total && k <= k_total,
             "extension smaller than the matrix"
@@ -248,6 +265,7 @@ impl PackedWeight {
             k: k_total,
             k_padded,
             panels: Panels::Bf16(out),
+            kernel,
         })
     }
 
@@ -260,9 +278,7 @@ impl PackedWeight {
         placement: Placement,
         row: impl Fn(usize, &mut [bf16]) + Sync,
     ) -> Option<Self> {
-        if !Kernel::detect()?.has_bf16() {
-            return None;
-        }
+        let kernel = Kernel::detect().filter(|k| k.has_bf16())?;
         let panels = n.div_ceil(NR);
         let k_padded = k.next_multiple_of(2);
         let mut out = WeightBuffer::<u16>::zeroed(panels * k_padded * NR, placement);
@@ -291,7 +307,21 @@ impl PackedWeight {
             k,
             k_padded,
             panels: Panels::Bf16(out),
+            kernel,
         })
+    }
+
+    /// The same weight multiplied by another kernel's tiles (tests run the AVX2 tiles on CPUs
+    /// with AVX-512 this way). The CPU must run `kernel`.
+    #[cfg(test)]
+    fn with_kernel(mut self, kernel: Kernel) -> Self {
+        self.kernel = kernel;
+        self
+    }
+
+    /// Whether a product of `m` rows of A runs on AMX.
+    fn uses_amx(&self, m: usize) -> bool {
+        self.kernel != Kernel::Avx2 && uses_amx(m)
     }
 
     pub fn n(&self) -> usize {
@@ -376,11 +406,27 @@ impl PackedWeight {
         let c = SharedOut(out.as_mut_ptr());
         let panels = self.n.div_ceil(NR);
         let group = group.max(1);
-        // A is packed once for all threads (each used to pack it for every group of panels)
-        let packed_a =
-            (m > MR && !uses_amx(m)).then(|| PackedRows::pack(a, m, lda, self.k_padded, true));
+        // A is packed once for all threads (each used to pack it for every group of panels); the
+        // AVX2 kernel widens it to f32 instead
+        let avx2 = self.kernel == Kernel::Avx2;
+        let packed_a = (m > MR && !avx2 && !self.uses_amx(m))
+            .then(|| PackedRows::pack(a, m, lda, self.k_padded, true));
+        let wide_a = (m > MR && avx2).then(|| widen_rows(a, m, lda, self.k_padded));
         for_each_thread(panels.div_ceil(group), |g0, g1| {
             let (p0, p1) = (g0 * group, (g1 * group).min(panels));
+            #[cfg(target_arch = "x86_64")]
+            if let Some(wide) = &wide_a {
+                // SAFETY: C was checked to hold `m` rows; each thread writes only its panels'
+                // columns; the kernel is AVX2, which this CPU runs.
+                unsafe { self.run_bf16_widened(wide, m, bias, &c, ldc, (p0, p1)) };
+                let cols = p0 * NR..(p1 * NR).min(self.n);
+                for row in 0..m {
+                    // SAFETY: these columns of C are this thread's and fully written above.
+                    let values = unsafe { c.slice(row * ldc + cols.start, cols.len()) };
+                    finish(row, cols.start, values);
+                }
+                return;
+            }
             let (k_used, packed_a) = (self.k_padded, packed_a.as_ref());
             let streamed = (Some(&finish as Done<'_>), group);
             // SAFETY: C was checked to hold `m` rows; each thread writes only its panels' columns.
@@ -508,6 +554,7 @@ impl PackedWeight {
                             // is inside this thread's columns (caller's contract).
                             unsafe {
                                 tile_f32(
+                                    self.kernel,
                                     a.as_ptr().add(row * lda + k0),
                                     lda,
                                     rows,
@@ -520,6 +567,71 @@ impl PackedWeight {
                                 )
                             };
                             i += rows;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The loops of one thread over panels `p0..p1` for the AVX2 kernel's bf16 products, whose
+    /// f32 tiles run faster than widening bf16 inside the tile (`avx2_tile_rates`: 90–98
+    /// against 43–54 GFLOP/s a core): A comes widened once per product (`wide`, row-major,
+    /// `k_padded` values a row), and each panel's block of `k` is widened into `block` once per
+    /// [`MC`] rows.
+    ///
+    /// # Safety
+    /// As [`Self::run_f32`], for the AVX2 kernel.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn run_bf16_widened(
+        &self,
+        wide: &[f32],
+        m: usize,
+        bias: Option<&[f32]>,
+        c: &SharedOut,
+        ldc: usize,
+        (p0, p1): (usize, usize),
+    ) {
+        let Panels::Bf16(panels) = &self.panels else {
+            panic!("bf16 matmul on f32-packed weights");
+        };
+        let kp = self.k_padded;
+        let mut block = vec![0f32; KC_WIDE * NR];
+        for k0 in (0..kp).step_by(KC_WIDE) {
+            let kc = KC_WIDE.min(kp - k0);
+            for g0 in (p0..p1).step_by(NC_PANELS) {
+                for m0 in (0..m).step_by(MC) {
+                    let rows = m0..(m0 + MC).min(m);
+                    for p in g0..(g0 + NC_PANELS).min(p1) {
+                        let cols = NR.min(self.n - p * NR);
+                        // SAFETY: the panel holds `kp` values of `k` (pairs) from `k0`; the
+                        // block room for `kc` rows of 32.
+                        unsafe {
+                            let src = panels[p * kp * NR + k0 * NR..].as_ptr();
+                            avx2::widen_panel(src, kc / 2, block.as_mut_ptr());
+                        }
+                        for row in rows.clone().step_by(MR) {
+                            let start = if k0 == 0 {
+                                Start::Bias(bias.map(|b| &b[p * NR..p * NR + cols]))
+                            } else {
+                                Start::Accumulate
+                            };
+                            // SAFETY: `wide` holds `m` rows of `kp`; the C tile is inside this
+                            // thread's columns (caller's contract).
+                            unsafe {
+                                tile_f32(
+                                    self.kernel,
+                                    wide.as_ptr().add(row * kp + k0),
+                                    kp,
+                                    MR.min(rows.end - row),
+                                    block.as_ptr(),
+                                    kc,
+                                    c.0.add(row * ldc + p * NR),
+                                    ldc,
+                                    cols,
+                                    start,
+                                )
+                            };
                         }
                     }
                 }
@@ -552,7 +664,7 @@ impl PackedWeight {
         };
         let kp = self.k_padded;
         let a16 = a.as_ptr() as *const u16;
-        if uses_amx(m) {
+        if self.uses_amx(m) {
             let amx = (amx::TILES, true);
             // SAFETY: the caller's contract, and AMX is enabled.
             return unsafe {
@@ -603,6 +715,7 @@ impl PackedWeight {
                             // inside this thread's columns and the first `rows` rows.
                             unsafe {
                                 tile_bf16_packed(
+                                    self.kernel,
                                     tile.as_ptr(),
                                     b.as_ptr(),
                                     pairs,
@@ -656,6 +769,7 @@ impl PackedWeight {
                 // SAFETY: as in `run_f32`; pairs stay inside rows (caller).
                 unsafe {
                     tile_bf16(
+                        self.kernel,
                         a.add(row * lda + 2 * pairs.start),
                         lda,
                         MR.min(rows.end - row),
@@ -1014,6 +1128,20 @@ impl PackedRows {
     }
 }
 
+/// `m` rows of A (row stride `lda`) widened to f32, `k_padded` values a row (zero past `lda`'s
+/// used part is not needed: `k_padded` ≤ the readable row, the caller's contract).
+fn widen_rows(a: &[bf16], m: usize, lda: usize, k_padded: usize) -> Vec<f32> {
+    let mut wide = vec![0f32; m * k_padded];
+    wide.par_chunks_mut(k_padded)
+        .enumerate()
+        .for_each(|(r, row)| {
+            for (w, v) in row.iter_mut().zip(&a[r * lda..r * lda + k_padded]) {
+                *w = v.to_f32();
+            }
+        });
+    wide
+}
+
 /// Runs `work(first, end)` on rayon's threads, `0..units` split evenly.
 fn for_each_thread(units: usize, work: impl Fn(usize, usize) + Sync) {
     let threads = rayon::current_num_threads().clamp(1, units.max(1));
@@ -1078,7 +1206,8 @@ pub fn describe() -> &'static str {
         Some(Kernel::Avx512Bf16) if amx::enabled() => "AMX tiles + AVX512-BF16",
         Some(Kernel::Avx512Bf16) => "AVX512-BF16 (no AMX)",
         Some(Kernel::Avx512) => "AVX-512 f32 (no AVX512-BF16: bf16 goes through candle)",
-        None => "candle's (no AVX-512)",
+        Some(Kernel::Avx2) => "AVX2 + FMA (bf16 widened in registers)",
+        None => "candle's (no AVX2 and FMA)",
     }
 }
 
@@ -1148,10 +1277,104 @@ unsafe fn padded_tile<T: Copy + Default>(
     }
 }
 
+/// A tile of f32 products on `kernel`'s registers ([`tile_f32_avx512`] or [`avx2::tile_f32`]).
+///
+/// # Safety
+/// The CPU runs `kernel`; the tiles' contract on A, B and C.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile_f32(
+    kernel: Kernel,
+    a: *const f32,
+    lda: usize,
+    rows: usize,
+    b: *const f32,
+    kc: usize,
+    c: *mut f32,
+    ldc: usize,
+    cols: usize,
+    start: Start,
+) {
+    // SAFETY: the caller's contract.
+    unsafe {
+        match kernel {
+            Kernel::Avx2 => avx2::tile_f32(a, lda, rows, b, kc, c, ldc, cols, start),
+            _ => tile_f32_avx512(a, lda, rows, b, kc, c, ldc, cols, start),
+        }
+    }
+}
+
+/// A tile of bf16 products over A read in place, on `kernel`'s registers.
+///
+/// # Safety
+/// As [`tile_f32`].
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile_bf16(
+    kernel: Kernel,
+    a: *const u16,
+    lda: usize,
+    rows: usize,
+    b: *const u16,
+    pairs: usize,
+    c: *mut f32,
+    ldc: usize,
+    cols: usize,
+    start: Start,
+) {
+    // SAFETY: the caller's contract.
+    unsafe {
+        match kernel {
+            Kernel::Avx2 => avx2::tile_bf16(a, (lda, 2), rows, b, pairs, c, ldc, cols, start),
+            _ => tile_bf16_avx512(a, lda, rows, b, pairs, c, ldc, cols, start),
+        }
+    }
+}
+
+/// A tile of bf16 products over a tile of A packed as `[pair][row]` ([`PackedRows`]), on
+/// `kernel`'s registers.
+///
+/// # Safety
+/// As [`tile_f32`].
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile_bf16_packed(
+    kernel: Kernel,
+    a: *const u32,
+    b: *const u16,
+    pairs: usize,
+    c: *mut f32,
+    ldc: usize,
+    rows: usize,
+    cols: usize,
+    start: Start,
+) {
+    // SAFETY: the caller's contract.
+    unsafe {
+        match kernel {
+            Kernel::Avx2 => {
+                let strides = (2, 2 * MR);
+                avx2::tile_bf16(
+                    a as *const u16,
+                    strides,
+                    rows,
+                    b,
+                    pairs,
+                    c,
+                    ldc,
+                    cols,
+                    start,
+                )
+            }
+            _ => tile_bf16_packed_avx512(a, b, pairs, c, ldc, rows, cols, start),
+        }
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn tile_f32(
+unsafe fn tile_f32_avx512(
     a: *const f32,
     lda: usize,
     rows: usize,
@@ -1229,7 +1452,7 @@ unsafe fn tile_f32_rows<const R: usize>(
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn tile_bf16(
+unsafe fn tile_bf16_avx512(
     a: *const u16,
     lda: usize,
     rows: usize,
@@ -1403,7 +1626,7 @@ unsafe fn tile_bf16_one_row(
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn tile_bf16_packed(
+unsafe fn tile_bf16_packed_avx512(
     a: *const u32,
     b: *const u16,
     pairs: usize,
@@ -1487,13 +1710,29 @@ mod tests {
         (1, 200, 66),
     ];
 
+    /// The kernels this CPU runs: the one it is given, and the AVX2 tiles too where that is
+    /// AVX-512 (so that they are checked on every machine the tests run on).
+    fn kernels_here() -> Vec<Kernel> {
+        let mut kernels: Vec<Kernel> = Kernel::detect().into_iter().collect();
+        if kernels.first().is_some_and(|&k| k != Kernel::Avx2)
+            && std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+        {
+            kernels.push(Kernel::Avx2);
+        }
+        kernels
+    }
+
     #[test]
     fn bf16_and_f32_products_match_exact_sums() {
         if Kernel::detect().is_none() {
-            eprintln!("no AVX-512 on this CPU: the kernel is not used here");
+            eprintln!("no AVX2 and FMA on this CPU: the kernel is not used here");
             return;
         }
-        for (m, n, k) in SIZES {
+        for (kernel, (m, n, k)) in kernels_here()
+            .into_iter()
+            .flat_map(|kernel| SIZES.map(|s| (kernel, s)))
+        {
             let (a, w, bias) = (values(m * k, 1), values(n * k, 2), values(n, 3));
             let ab: Vec<bf16> = a.iter().map(|&v| bf16::from_f32(v)).collect();
             let wb: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
@@ -1512,17 +1751,22 @@ mod tests {
             let wt: Vec<f32> = (0..k * n).map(|i| w[(i % n) * k + i / n]).collect();
             let packed =
                 PackedWeight::pack_f32(&wt, n, k, Strides { row: 1, col: n }, Placement::Model)
-                    .unwrap();
+                    .unwrap()
+                    .with_kernel(kernel);
             let mut out = vec![0f32; m * n];
             packed.matmul_f32_serial(&a, m, k, &mut out, n, n, k);
             for i in 0..m {
                 for j in 0..n {
                     let e = (out[i * n + j] as f64 - exact(i, j, false)).abs();
-                    assert!(e < 1e-4, "f32 {m}x{n}x{k} at ({i},{j}): off by {e}");
+                    assert!(
+                        e < 1e-4,
+                        "{kernel:?} f32 {m}x{n}x{k} at ({i},{j}): off by {e}"
+                    );
                 }
             }
             if let Some(packed) =
                 PackedWeight::pack_bf16(&wb, n, k, Strides::row_major(k), Placement::Model)
+                    .map(|p| p.with_kernel(kernel))
             {
                 // the epilogue sees every value once, in whole groups of 2 panels per thread
                 let seen = std::sync::Mutex::new(vec![f32::NAN; m * n]);
@@ -1540,7 +1784,22 @@ mod tests {
                     for j in 0..n {
                         let want = exact(i, j, true) + bias[j] as f64;
                         let e = (seen[i * n + j] as f64 - want).abs();
-                        assert!(e < 1e-4, "bf16 {m}x{n}x{k} at ({i},{j}): off by {e}");
+                        assert!(
+                            e < 1e-4,
+                            "{kernel:?} bf16 {m}x{n}x{k} at ({i},{j}): off by {e}"
+                        );
+                    }
+                }
+                // on the calling thread, A read in place (attention's products); rows of A
+                // must be readable to an even `k`
+                if k % 2 == 0 {
+                    let mut serial = vec![f32::NAN; m * n];
+                    packed.matmul_bf16_serial(&ab, m, k, &mut serial, n, n, k);
+                    for i in 0..m {
+                        for j in 0..n {
+                            let e = (serial[i * n + j] as f64 - exact(i, j, true)).abs();
+                            assert!(e < 1e-4, "{kernel:?} serial {m}x{n}x{k} ({i},{j}): {e}");
+                        }
                     }
                 }
             }
@@ -1909,6 +2168,68 @@ mod tests {
 
     /// Rates of the bf16 products on this machine (`cargo test --release --lib gemm_rates --
     /// --ignored --nocapture`): the vision tower's and the decoder's shapes, and attention's.
+    /// One 12 × 32 tile of the AVX2 kernel with its operands in L1, one thread: the rate the
+    /// loops above can reach per core
+    /// (`cargo test --release --lib avx2_tile_rates -- --ignored --nocapture`).
+    #[test]
+    #[ignore = "a measurement, not a check"]
+    #[cfg(target_arch = "x86_64")]
+    fn avx2_tile_rates() {
+        if !(std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma"))
+        {
+            return;
+        }
+        let pairs = 128;
+        let a = vec![0x3f80u16; MR * 2 * pairs];
+        let b = vec![0x3f80u16; pairs * 2 * NR];
+        let (af, bf) = (vec![1f32; MR * 2 * pairs], vec![1f32; 2 * pairs * NR]);
+        let mut c = vec![0f32; MR * NR];
+        let reps = 20_000;
+        let flops = (2 * MR * NR * 2 * pairs * reps) as f64;
+        for (name, packed) in [
+            ("bf16 in place", false),
+            ("bf16 packed", true),
+            ("bf16 wide A", true),
+            ("f32", false),
+        ] {
+            let mut best = f64::MAX;
+            for _ in 0..5 {
+                let t = std::time::Instant::now();
+                for _ in 0..reps {
+                    // SAFETY: AVX2 and FMA (checked); A holds 12 rows of `pairs` pairs (in place
+                    // at stride 2·pairs, or packed), B `pairs` pairs of 32, C 12 × 32.
+                    unsafe {
+                        if name == "f32" {
+                            let (a, b, c) = (af.as_ptr(), bf.as_ptr(), c.as_mut_ptr());
+                            avx2::tile_f32(
+                                a,
+                                2 * pairs,
+                                MR,
+                                b,
+                                2 * pairs,
+                                c,
+                                NR,
+                                NR,
+                                Start::Bias(None),
+                            );
+                        } else if name == "bf16 wide A" {
+                            let (a, b, c) = (af.as_ptr(), b.as_ptr(), c.as_mut_ptr());
+                            avx2::tile_bf16_wide_a(a, MR, b, pairs, c, NR, NR, Start::Bias(None));
+                        } else {
+                            let strides = if packed { (2, 2 * MR) } else { (2 * pairs, 2) };
+                            let (a, b, c) = (a.as_ptr(), b.as_ptr(), c.as_mut_ptr());
+                            avx2::tile_bf16(a, strides, MR, b, pairs, c, NR, NR, Start::Bias(None));
+                        }
+                    }
+                }
+                best = best.min(t.elapsed().as_secs_f64());
+            }
+            std::hint::black_box(&c);
+            eprintln!("{name:>14}: {:.1} GFLOP/s on one core", flops / best / 1e9);
+        }
+    }
+
     #[test]
     #[ignore = "a measurement, not a check"]
     fn gemm_rates() {

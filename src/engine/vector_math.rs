@@ -7,12 +7,26 @@
 
 use half::bf16;
 
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+
+/// Whether the CPU runs [`avx2`]'s helpers (where it lacks AVX-512).
+#[cfg(target_arch = "x86_64")]
+fn has_avx2_fma() -> bool {
+    std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+}
+
 /// The largest value of `row` (NaN-free scores).
 pub fn max_of(row: &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx512f") {
         // SAFETY: AVX-512F was detected just above.
         return unsafe { max_avx512(row) };
+    }
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() {
+        // SAFETY: AVX2 was detected just above.
+        return unsafe { avx2::max_of(row) };
     }
     row.iter().copied().fold(f32::NEG_INFINITY, f32::max)
 }
@@ -54,6 +68,9 @@ pub fn scale_add(dst: &mut [f32], factor: f32, src: &[f32]) {
         whole = len / 16 * 16;
         // SAFETY: AVX-512F was detected just above; `whole` ≤ both lengths.
         unsafe { scale_add_avx512(&mut dst[..whole], factor, &src[..whole]) };
+    } else if has_avx2_fma() {
+        // SAFETY: AVX2 and FMA were detected just above.
+        whole = unsafe { avx2::scale_add(&mut dst[..len], factor, &src[..len]) };
     }
     for (d, &x) in dst[whole..len].iter_mut().zip(&src[whole..len]) {
         *d = *d * factor + x;
@@ -82,7 +99,14 @@ pub fn round_to_bf16(src: &[f32], scale: f32, dst: &mut [bf16]) {
         // SAFETY: AVX-512F was detected just above.
         return unsafe { round_scaled_bf16_avx512(src, scale, dst) };
     }
-    for (d, &x) in dst.iter_mut().zip(src) {
+    let mut whole = 0;
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() {
+        let len = src.len().min(dst.len());
+        // SAFETY: AVX2 was detected just above.
+        whole = unsafe { avx2::round_to_bf16(&src[..len], scale, &mut dst[..len]) };
+    }
+    for (d, &x) in dst[whole..].iter_mut().zip(&src[whole..]) {
         *d = bf16::from_f32(x * scale);
     }
 }
@@ -120,8 +144,16 @@ pub fn exp_shifted(row: &mut [f32], max: f32, scale: f32) -> f32 {
             exp_shifted_avx512::<false>(src, len, max, scale, row.as_mut_ptr().cast())
         };
     }
-    let mut sum = 0.0;
-    for x in row.iter_mut() {
+    let (mut whole, mut sum) = (0, 0.0);
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() {
+        let (src, len) = (row.as_ptr(), row.len());
+        // SAFETY: AVX2 and FMA were detected just above; `row` is read and written in place,
+        // lane block by lane block.
+        (whole, sum) =
+            unsafe { avx2::exp_shifted::<false>(src, len, max, scale, row.as_mut_ptr().cast()) };
+    }
+    for x in row[whole..].iter_mut() {
         *x = ((*x - max) * scale).exp();
         sum += *x;
     }
@@ -138,8 +170,14 @@ pub fn exp_shifted_to_f32(src: &[f32], max: f32, scale: f32, dst: &mut [f32]) ->
             exp_shifted_avx512::<false>(src.as_ptr(), len, max, scale, dst.as_mut_ptr().cast())
         };
     }
-    let mut sum = 0.0;
-    for (d, &x) in dst[..len].iter_mut().zip(src) {
+    let (mut whole, mut sum) = (0, 0.0);
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() {
+        let (s, d) = (src.as_ptr(), dst.as_mut_ptr().cast());
+        // SAFETY: AVX2 and FMA were detected just above; both slices hold `len` values.
+        (whole, sum) = unsafe { avx2::exp_shifted::<false>(s, len, max, scale, d) };
+    }
+    for (d, &x) in dst[whole..len].iter_mut().zip(&src[whole..]) {
         *d = ((x - max) * scale).exp();
         sum += *d;
     }
@@ -164,8 +202,14 @@ pub fn exp_shifted_to_bf16(src: &[f32], max: f32, scale: f32, dst: &mut [bf16]) 
             exp_shifted_avx512::<true>(src.as_ptr(), len, max, scale, dst.as_mut_ptr().cast())
         };
     }
-    let mut sum = 0.0;
-    for (d, &x) in dst[..len].iter_mut().zip(src) {
+    let (mut whole, mut sum) = (0, 0.0);
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() {
+        let (s, d) = (src.as_ptr(), dst.as_mut_ptr().cast());
+        // SAFETY: AVX2 and FMA were detected just above; both slices hold `len` values.
+        (whole, sum) = unsafe { avx2::exp_shifted::<true>(s, len, max, scale, d) };
+    }
+    for (d, &x) in dst[whole..len].iter_mut().zip(&src[whole..]) {
         let e = ((x - max) * scale).exp();
         *d = bf16::from_f32(e);
         sum += e;
@@ -508,6 +552,9 @@ pub fn quick_gelu_to_bf16(src: &[f32], dst: &mut [bf16]) {
         whole = len / 16 * 16;
         // SAFETY: AVX-512F and DQ were detected just above; `whole` ≤ both lengths.
         unsafe { quick_gelu_to_bf16_avx512(&src[..whole], &mut dst[..whole]) };
+    } else if has_avx2_fma() {
+        // SAFETY: AVX2 and FMA were detected just above.
+        whole = unsafe { avx2::quick_gelu_to_bf16(&src[..len], &mut dst[..len]) };
     }
     for (d, &x) in dst[whole..len].iter_mut().zip(&src[whole..len]) {
         *d = bf16::from_f32(quick_gelu(x));
@@ -540,6 +587,9 @@ pub fn silu_gate_to_bf16(gate: &[f32], up: &[f32], dst: &mut [bf16]) {
         whole = len / 16 * 16;
         // SAFETY: AVX-512F and DQ were detected just above; `whole` ≤ every length.
         unsafe { silu_gate_to_bf16_avx512(&gate[..whole], &up[..whole], &mut dst[..whole]) };
+    } else if has_avx2_fma() {
+        // SAFETY: AVX2 and FMA were detected just above.
+        whole = unsafe { avx2::silu_gate_to_bf16(&gate[..len], &up[..len], &mut dst[..len]) };
     }
     for ((d, &g), &u) in dst[whole..len]
         .iter_mut()
@@ -578,6 +628,10 @@ pub fn add_rounded_to_bf16(src: &[f32], residual: &[bf16], dst: &mut [bf16]) {
         whole = len / 16 * 16;
         // SAFETY: AVX-512F was detected just above; `whole` ≤ every length.
         unsafe { add_rounded_to_bf16_avx512(&src[..whole], &residual[..whole], &mut dst[..whole]) };
+    } else if has_avx2_fma() {
+        // SAFETY: AVX2 was detected just above.
+        whole =
+            unsafe { avx2::add_rounded_to_bf16(&src[..len], &residual[..len], &mut dst[..len]) };
     }
     for ((d, &x), &r) in dst[whole..len]
         .iter_mut()
@@ -724,6 +778,109 @@ mod tests {
             let mut tiny = [bf16::ONE; 17];
             exp_shifted_to_bf16(&[-1e30; 17], 0.0, 1.0, &mut tiny);
             assert!(tiny.iter().all(|x| x.to_f32() == 0.0), "{tiny:?}");
+        }
+    }
+
+    /// The AVX2 helpers checked directly, so that CPUs with AVX-512 (which never reach them
+    /// through the public functions) test them too.
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn avx2_helpers_match_the_scalar_results() {
+        if !has_avx2_fma() {
+            return;
+        }
+        let x = ragged(1003);
+        let whole = x.len() / 8 * 8;
+        let (mut got, mut want) = (vec![bf16::ZERO; x.len()], vec![bf16::ZERO; x.len()]);
+        // SAFETY (every call below): AVX2 and FMA were detected above.
+        assert_eq!(unsafe { avx2::round_to_bf16(&x, 0.37, &mut got) }, whole);
+        for (w, &v) in want.iter_mut().zip(&x) {
+            *w = bf16::from_f32(v * 0.37);
+        }
+        assert_eq!(bf16_bits(&got[..whole]), bf16_bits(&want[..whole]));
+        let residual: Vec<bf16> = x.iter().rev().map(|&r| bf16::from_f32(r * 37.0)).collect();
+        unsafe { avx2::add_rounded_to_bf16(&x, &residual, &mut got) };
+        for ((w, &v), r) in want.iter_mut().zip(&x).zip(&residual) {
+            *w = bf16::from_f32(bf16::from_f32(v).to_f32() + r.to_f32());
+        }
+        assert_eq!(bf16_bits(&got[..whole]), bf16_bits(&want[..whole]));
+        // activations: within one bf16 step of the scalar ones, over- and underflow included
+        let mut wide = x.clone();
+        wide.extend([-200.0, -95.0, -60.0, 60.0, 95.0, 200.0, 1e-30, -1e-30]);
+        let whole = wide.len() / 8 * 8;
+        let up: Vec<f32> = wide.iter().rev().map(|v| v.clamp(-10.0, 10.0)).collect();
+        let mut act = vec![bf16::ZERO; wide.len()];
+        for (name, f) in [
+            (
+                "quick_gelu",
+                &(|i: usize| quick_gelu(wide[i])) as &dyn Fn(usize) -> f32,
+            ),
+            ("silu_gate", &|i: usize| silu_gate(wide[i], up[i])),
+        ] {
+            let done = if name == "quick_gelu" {
+                unsafe { avx2::quick_gelu_to_bf16(&wide, &mut act) }
+            } else {
+                unsafe { avx2::silu_gate_to_bf16(&wide, &up, &mut act) }
+            };
+            assert_eq!(done, whole);
+            for (i, got) in act[..whole].iter().enumerate() {
+                let want = f(i);
+                let got = got.to_f32();
+                assert!(
+                    (got - want).abs() <= want.abs() / 128.0 + 1e-30,
+                    "{name}({}) = {got}, want {want}",
+                    wide[i]
+                );
+            }
+        }
+        // shifted exponentials, f32 (to ~1 ulp) and bf16 (one step), with their sums
+        let row: Vec<f32> = x.iter().map(|v| v * 4.0).collect();
+        let (max, whole) = (max_of(&row), row.len() / 8 * 8);
+        // (the argument as the helper computes it in f32: its rounding alone moves exp by
+        // several ulp at these magnitudes)
+        let exact: Vec<f64> = row
+            .iter()
+            .map(|&v| (((v - max) * 0.3) as f64).exp())
+            .collect();
+        let want_sum: f64 = exact[..whole].iter().sum();
+        let mut e32 = vec![0f32; row.len()];
+        let (done, sum) = unsafe {
+            avx2::exp_shifted::<false>(row.as_ptr(), row.len(), max, 0.3, e32.as_mut_ptr().cast())
+        };
+        assert_eq!(done, whole);
+        assert!(
+            (sum as f64 - want_sum).abs() < 1e-5 * want_sum,
+            "{sum} vs {want_sum}"
+        );
+        for (i, (&g, &e)) in e32[..whole].iter().zip(&exact).enumerate() {
+            assert!((g as f64 - e).abs() <= 2.5e-7 * e, "exp at {i}: {g} vs {e}");
+        }
+        let (done, sum) = unsafe {
+            avx2::exp_shifted::<true>(row.as_ptr(), row.len(), max, 0.3, got.as_mut_ptr().cast())
+        };
+        assert_eq!(done, whole);
+        assert!((sum as f64 - want_sum).abs() < 1e-5 * want_sum);
+        for (i, (&g, &e)) in got[..whole].iter().zip(&exact).enumerate() {
+            let steps = (g.to_bits() as i32 - bf16::from_f64(e).to_bits() as i32).abs();
+            assert!(steps <= 1, "bf16 exp at {i}: {g} vs {e}");
+        }
+        // far below the reference: zero or a subnormal, never garbage
+        let far = [-1e30f32; 8];
+        let (_, sum) = unsafe {
+            avx2::exp_shifted::<false>(far.as_ptr(), 8, 0.0, 1.0, e32.as_mut_ptr().cast())
+        };
+        assert!(sum < 1e-40 && e32[..8].iter().all(|&v| (0.0..1e-40).contains(&v)));
+        // reductions and the multiply-add
+        for (len, at) in [(1003, 1002), (64, 3), (17, 9)] {
+            let mut row: Vec<f32> = (0..len).map(|i| -(i as f32)).collect();
+            row[at] = 5.0;
+            assert_eq!(unsafe { avx2::max_of(&row) }, 5.0, "len {len}, at {at}");
+        }
+        let mut dst = x.clone();
+        let done = unsafe { avx2::scale_add(&mut dst, 0.5, &up) };
+        assert_eq!(done, x.len() / 8 * 8);
+        for i in 0..done {
+            assert!((dst[i] - (x[i] * 0.5 + up[i])).abs() <= 1e-6 * (1.0 + dst[i].abs()));
         }
     }
 
