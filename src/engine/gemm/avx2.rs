@@ -20,17 +20,17 @@ const ROWS: usize = 6;
 const COLS: usize = 16;
 
 /// Lanes `0..cols` of two 8-lane registers (`cols` ≤ 16), as masks for `maskload`/`maskstore`.
-#[inline(always)]
+/// (The helpers here are target-feature functions themselves, so that the intrinsics inline
+/// into them and they into the tiles: called from plain code, each intrinsic was a call.)
+#[target_feature(enable = "avx2")]
+#[inline]
 fn lane_masks(cols: usize) -> [__m256i; 2] {
-    // SAFETY: plain AVX register arithmetic; the callers run with AVX2 enabled.
-    unsafe {
-        let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-        let limit = |offset: i32| _mm256_set1_epi32(cols as i32 - offset);
-        [
-            _mm256_cmpgt_epi32(limit(0), lanes),
-            _mm256_cmpgt_epi32(limit(8), lanes),
-        ]
-    }
+    let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    let limit = |offset: i32| _mm256_set1_epi32(cols as i32 - offset);
+    [
+        _mm256_cmpgt_epi32(limit(0), lanes),
+        _mm256_cmpgt_epi32(limit(8), lanes),
+    ]
 }
 
 /// The sums a sub-tile starts from: the bias (or zero) in every row, or what C holds.
@@ -38,7 +38,8 @@ fn lane_masks(cols: usize) -> [__m256i; 2] {
 /// # Safety
 /// AVX2; with `Accumulate`, C holds `R` rows of `cols` values at stride `ldc`; a bias holds
 /// `cols` values.
-#[inline(always)]
+#[target_feature(enable = "avx2")]
+#[inline]
 unsafe fn start_sums<const R: usize>(
     start: &Start,
     c: *mut f32,
@@ -56,12 +57,14 @@ unsafe fn start_sums<const R: usize>(
                 [first; R]
             }
             Start::Bias(None) => [[_mm256_setzero_ps(); 2]; R],
-            Start::Accumulate => std::array::from_fn(|i| {
-                [
-                    _mm256_maskload_ps(c.add(i * ldc), masks[0]),
-                    _mm256_maskload_ps(c.add(i * ldc + 8), masks[1]),
-                ]
-            }),
+            Start::Accumulate => {
+                let mut sums = [[_mm256_setzero_ps(); 2]; R];
+                for (i, row) in sums.iter_mut().enumerate() {
+                    row[0] = _mm256_maskload_ps(c.add(i * ldc), masks[0]);
+                    row[1] = _mm256_maskload_ps(c.add(i * ldc + 8), masks[1]);
+                }
+                sums
+            }
         }
     }
 }
@@ -70,7 +73,8 @@ unsafe fn start_sums<const R: usize>(
 ///
 /// # Safety
 /// AVX2; C holds `R` rows of `cols` values at stride `ldc`.
-#[inline(always)]
+#[target_feature(enable = "avx2")]
+#[inline]
 unsafe fn store_sums<const R: usize>(
     acc: &[[__m256; 2]; R],
     c: *mut f32,
@@ -266,84 +270,6 @@ unsafe fn sub_tile_bf16<const R: usize>(
                 let x = odd(word(i, q));
                 row[0] = _mm256_fmadd_ps(x, w0, row[0]);
                 row[1] = _mm256_fmadd_ps(x, w1, row[1]);
-            }
-        }
-        store_sums(&acc, c, ldc, cols, &masks);
-    }
-}
-
-/// As [`tile_bf16`] over A packed and already widened to f32 per tile as `[pair][row][2]`
-/// (the even and the odd value of each row's pair, [`super::PackedRows`] for this kernel): the
-/// broadcasts then need no widening of their own, which in [`tile_bf16`] is two operations per
-/// row and pair for every 16 columns.
-///
-/// # Safety
-/// AVX2 and FMA; A holds `pairs` pairs of [`MR`] rows so laid out; B `pairs` pairs of 32
-/// columns; C `rows` rows of `cols` (≤ 32) at stride `ldc`.
-#[target_feature(enable = "avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-pub(super) unsafe fn tile_bf16_wide_a(
-    a: *const f32,
-    rows: usize,
-    b: *const u16,
-    pairs: usize,
-    c: *mut f32,
-    ldc: usize,
-    cols: usize,
-    start: Start,
-) {
-    for_each_sub_tile(rows, cols, |row, rows, col, cols| {
-        let start = shifted(&start, col);
-        let a = a.wrapping_add(2 * row);
-        let (b, c) = (b.wrapping_add(2 * col), c.wrapping_add(row * ldc + col));
-        // SAFETY: the caller's contract, for this sub-tile's rows and columns.
-        unsafe {
-            by_rows!(
-                rows,
-                sub_tile_bf16_wide_a::<R>(a, b, pairs, c, ldc, cols, start)
-            )
-        }
-    });
-}
-
-#[target_feature(enable = "avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn sub_tile_bf16_wide_a<const R: usize>(
-    a: *const f32,
-    b: *const u16,
-    pairs: usize,
-    c: *mut f32,
-    ldc: usize,
-    cols: usize,
-    start: Start,
-) {
-    let masks = lane_masks(cols);
-    // SAFETY: the caller's contract.
-    unsafe {
-        let high = _mm256_set1_epi32(0xffff_0000u32 as i32);
-        let mut acc = start_sums::<R>(&start, c, ldc, &masks);
-        for q in 0..pairs {
-            let w = b.add(q * 2 * NR) as *const __m256i;
-            let x = a.add(q * 2 * MR);
-            let even = |x: __m256i| _mm256_castsi256_ps(_mm256_slli_epi32::<16>(x));
-            let (w0, w1) = (
-                even(_mm256_loadu_si256(w)),
-                even(_mm256_loadu_si256(w.add(1))),
-            );
-            for (i, row) in acc.iter_mut().enumerate() {
-                let xi = _mm256_broadcast_ss(&*x.add(2 * i));
-                row[0] = _mm256_fmadd_ps(xi, w0, row[0]);
-                row[1] = _mm256_fmadd_ps(xi, w1, row[1]);
-            }
-            let odd = |x: __m256i| _mm256_castsi256_ps(_mm256_and_si256(x, high));
-            let (w0, w1) = (
-                odd(_mm256_loadu_si256(w)),
-                odd(_mm256_loadu_si256(w.add(1))),
-            );
-            for (i, row) in acc.iter_mut().enumerate() {
-                let xi = _mm256_broadcast_ss(&*x.add(2 * i + 1));
-                row[0] = _mm256_fmadd_ps(xi, w0, row[0]);
-                row[1] = _mm256_fmadd_ps(xi, w1, row[1]);
             }
         }
         store_sums(&acc, c, ldc, cols, &masks);
