@@ -411,14 +411,17 @@ impl PackedWeight {
         let avx2 = self.kernel == Kernel::Avx2;
         let packed_a = (m > MR && !avx2 && !self.uses_amx(m))
             .then(|| PackedRows::pack(a, m, lda, self.k_padded, true));
-        let wide_a = (m > MR && avx2).then(|| widen_rows(a, m, lda, self.k_padded));
+        let wide_a = (m > MR && avx2).then(|| widen_rows(a, m, lda, self.k_padded, true));
         for_each_thread(panels.div_ceil(group), |g0, g1| {
             let (p0, p1) = (g0 * group, (g1 * group).min(panels));
             #[cfg(target_arch = "x86_64")]
             if let Some(wide) = &wide_a {
                 // SAFETY: C was checked to hold `m` rows; each thread writes only its panels'
                 // columns; the kernel is AVX2, which this CPU runs.
-                unsafe { self.run_bf16_widened(wide, m, bias, &c, ldc, (p0, p1)) };
+                unsafe {
+                    let (a, sizes) = ((wide.as_slice(), self.k_padded), (self.n, self.k_padded));
+                    self.run_bf16_widened(a, m, bias, (&c, ldc), sizes, (p0, p1))
+                };
                 let cols = p0 * NR..(p1 * NR).min(self.n);
                 for row in 0..m {
                     // SAFETY: these columns of C are this thread's and fully written above.
@@ -588,11 +591,11 @@ impl PackedWeight {
     #[cfg(target_arch = "x86_64")]
     unsafe fn run_bf16_widened(
         &self,
-        wide: &[f32],
+        (wide, lda): (&[f32], usize),
         m: usize,
         bias: Option<&[f32]>,
-        c: &SharedOut,
-        ldc: usize,
+        (c, ldc): (&SharedOut, usize),
+        (n_cols, k_used): (usize, usize),
         (p0, p1): (usize, usize),
     ) {
         let Panels::Bf16(panels) = &self.panels else {
@@ -600,13 +603,13 @@ impl PackedWeight {
         };
         let kp = self.k_padded;
         let mut block = vec![0f32; KC_WIDE * NR];
-        for k0 in (0..kp).step_by(KC_WIDE) {
-            let kc = KC_WIDE.min(kp - k0);
+        for k0 in (0..k_used).step_by(KC_WIDE) {
+            let kc = KC_WIDE.min(k_used - k0);
             for g0 in (p0..p1).step_by(NC_PANELS) {
                 for m0 in (0..m).step_by(MC) {
                     let rows = m0..(m0 + MC).min(m);
                     for p in g0..(g0 + NC_PANELS).min(p1) {
-                        let cols = NR.min(self.n - p * NR);
+                        let cols = NR.min(n_cols - p * NR);
                         // SAFETY: the panel holds `kp` values of `k` (pairs) from `k0`; the
                         // block room for `kc` rows of 32.
                         unsafe {
@@ -619,13 +622,13 @@ impl PackedWeight {
                             } else {
                                 Start::Accumulate
                             };
-                            // SAFETY: `wide` holds `m` rows of `kp`; the C tile is inside this
-                            // thread's columns (caller's contract).
+                            // SAFETY: `wide` holds `m` rows of `k_used` at stride `lda`; the C
+                            // tile is inside this thread's columns (caller's contract).
                             unsafe {
                                 tile_f32(
                                     self.kernel,
-                                    wide.as_ptr().add(row * kp + k0),
-                                    kp,
+                                    wide.as_ptr().add(row * lda + k0),
+                                    lda,
                                     MR.min(rows.end - row),
                                     block.as_ptr(),
                                     kc,
@@ -685,6 +688,20 @@ impl PackedWeight {
                     finish,
                 )
             };
+        }
+        #[cfg(target_arch = "x86_64")]
+        if self.kernel == Kernel::Avx2 && m > MR {
+            // a product on one thread (attention): A and each panel widened to f32 here, as
+            // `matmul_bf16_then` does for all threads (`attention_rate` at 1,196 patches: see
+            // `run_bf16_widened`)
+            let wide = widen_rows(a, m, lda, k_used, false);
+            // SAFETY: the caller's contract; `wide` holds `m` rows of `k_used`.
+            unsafe {
+                let sizes = (n_cols, k_used);
+                self.run_bf16_widened((&wide, k_used), m, bias, (c, ldc), sizes, (p0, p1))
+            };
+            WIDE_ROWS.set(wide);
+            return false;
         }
         let Some(packed_a) = packed_a.filter(|_| m > MR) else {
             // A read in place, each panel whole: one row tile (decoding), or a product on one
@@ -1134,20 +1151,23 @@ impl PackedRows {
 /// `m` rows of A (row stride `lda`) widened to f32, `k_padded` values a row (zero past `lda`'s
 /// used part is not needed: `k_padded` ≤ the readable row, the caller's contract).
 /// The buffer comes from this thread's [`WIDE_ROWS`]; the caller hands it back.
-fn widen_rows(a: &[bf16], m: usize, lda: usize, k_padded: usize) -> Vec<f32> {
+fn widen_rows(a: &[bf16], m: usize, lda: usize, k_padded: usize, parallel: bool) -> Vec<f32> {
     let mut wide = WIDE_ROWS.take();
     // every value is written below; only growth is zeroed (once)
     if wide.len() < m * k_padded {
         wide.resize(m * k_padded, 0.0);
     }
-    wide[..m * k_padded]
-        .par_chunks_mut(k_padded)
-        .enumerate()
-        .for_each(|(r, row)| {
-            for (w, v) in row.iter_mut().zip(&a[r * lda..r * lda + k_padded]) {
-                *w = v.to_f32();
-            }
-        });
+    let widen = |(r, row): (usize, &mut [f32])| {
+        for (w, v) in row.iter_mut().zip(&a[r * lda..r * lda + k_padded]) {
+            *w = v.to_f32();
+        }
+    };
+    let rows = &mut wide[..m * k_padded];
+    if parallel {
+        rows.par_chunks_mut(k_padded).enumerate().for_each(widen);
+    } else {
+        rows.chunks_mut(k_padded).enumerate().for_each(widen);
+    }
     wide
 }
 
