@@ -211,6 +211,10 @@ pub(super) unsafe fn tile_bf16(
     cols: usize,
     start: Start,
 ) {
+    if rows == 1 {
+        // SAFETY: the caller's contract, for one row.
+        return unsafe { one_row_bf16(a, pair_stride, b, pairs, c, cols, start) };
+    }
     for_each_sub_tile(rows, cols, |row, rows, col, cols| {
         let start = shifted(&start, col);
         let a = a.wrapping_add(row * row_stride);
@@ -273,6 +277,80 @@ unsafe fn sub_tile_bf16<const R: usize>(
             }
         }
         store_sums(&acc, c, ldc, cols, &masks);
+    }
+}
+
+/// One row of A (a decoded token) over all 32 columns of a panel: bandwidth-bound, so each of
+/// the panel's 128-byte pairs is read once, in order (as two 16-column sub-tiles it was read in
+/// two strided passes), and the sums alternate between two sets over the pairs, so that no
+/// multiply-add waits on the one before (one set held decoding to 65% of the bandwidth).
+///
+/// # Safety
+/// As [`tile_bf16`] for one row.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn one_row_bf16(
+    a: *const u16,
+    pair_stride: usize,
+    b: *const u16,
+    pairs: usize,
+    c: *mut f32,
+    cols: usize,
+    start: Start,
+) {
+    let (lo, hi) = (
+        lane_masks(cols.min(COLS)),
+        lane_masks(cols.saturating_sub(COLS)),
+    );
+    let masks = [lo[0], lo[1], hi[0], hi[1]];
+    // SAFETY: the caller's contract; masked lanes are neither read nor written.
+    unsafe {
+        let high = _mm256_set1_epi32(0xffff_0000u32 as i32);
+        let mut sums = [[_mm256_setzero_ps(); 4]; 2];
+        match start {
+            Start::Bias(Some(bias)) => {
+                for (j, lanes) in sums[0].iter_mut().enumerate() {
+                    *lanes = _mm256_maskload_ps(bias.as_ptr().add(8 * j), masks[j]);
+                }
+            }
+            Start::Bias(None) => {}
+            Start::Accumulate => {
+                for (j, lanes) in sums[0].iter_mut().enumerate() {
+                    *lanes = _mm256_maskload_ps(c.add(8 * j), masks[j]);
+                }
+            }
+        }
+        let step = |set: &mut [__m256; 4], q: usize| {
+            let word = _mm256_set1_epi32((a.add(q * pair_stride) as *const i32).read_unaligned());
+            let even = _mm256_castsi256_ps(_mm256_slli_epi32::<16>(word));
+            let odd = _mm256_castsi256_ps(_mm256_and_si256(word, high));
+            let w = b.add(q * 2 * NR) as *const __m256i;
+            for (j, lanes) in set.iter_mut().enumerate() {
+                let raw = _mm256_loadu_si256(w.add(j));
+                let (we, wo) = (
+                    _mm256_castsi256_ps(_mm256_slli_epi32::<16>(raw)),
+                    _mm256_castsi256_ps(_mm256_and_si256(raw, high)),
+                );
+                *lanes = _mm256_fmadd_ps(odd, wo, _mm256_fmadd_ps(even, we, *lanes));
+            }
+        };
+        let [first, second] = &mut sums;
+        let mut q = 0;
+        while q + 2 <= pairs {
+            step(first, q);
+            step(second, q + 1);
+            q += 2;
+        }
+        if q < pairs {
+            step(first, q);
+        }
+        for j in 0..4 {
+            let total = _mm256_add_ps(first[j], second[j]);
+            if cols == NR {
+                _mm256_storeu_ps(c.add(8 * j), total);
+            } else {
+                _mm256_maskstore_ps(c.add(8 * j), masks[j], total);
+            }
+        }
     }
 }
 
