@@ -22,8 +22,8 @@ use candle_core::{DType, Device};
 /// `--dtype` values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum DtypeArg {
-    /// bf16 where the device multiplies it natively (CUDA, or a CPU with AVX512-BF16: half the
-    /// memory and 1.5–2× the speed of f32 there), f32 elsewhere.
+    /// bf16 where the engine multiplies it fast (CUDA, or an x86-64 CPU with AVX512-BF16 or AVX2
+    /// + FMA: half the memory of f32 and faster), f32 elsewhere.
     Auto,
     F32,
     Bf16,

@@ -1,6 +1,6 @@
 //! The engine's linear layers (decoder and vision tower): dense weights (one-token inputs go
 //! through the bandwidth-bound `matvec` kernel, longer ones through a plain 2-D
-//! matmul), bf16 weights packed for the AVX512-BF16 `gemm` kernel where the CPU has it
+//! matmul), bf16 weights packed for the `gemm` kernel where the CPU runs it (AVX512-BF16 or AVX2)
 //! ([`Linear::pack_for_cpu`]; candle's bf16 matmul widens to f32 and runs at a third of the
 //! speed), or quantized weights, which read 3.5–7× fewer bytes per decoded token than f32:
 //! `q8_0` (GGML's Q8_0 blocks, on the CPU multiplied by our own kernel: in 8-bit against
@@ -76,7 +76,7 @@ enum Weight {
     Int8(Arc<matvec::Int8Rows>),
     /// The quantized tensor (dequantized for prompts) and candle's matmul over it (one token).
     Ggml(Arc<QTensor>, QMatMul),
-    /// bf16 packed for the AVX512-BF16 kernel, with the bias in f32 (added before rounding).
+    /// bf16 packed for the `gemm` kernel, with the bias in f32 (added before rounding).
     PackedBf16(Arc<PackedWeight>, Option<Arc<Vec<f32>>>),
 }
 
@@ -109,7 +109,7 @@ pub trait WeightLayer {
     /// layer dense, when its rows do not divide into the format's blocks.
     fn quantize(&mut self, format: Quantization) -> candle_core::Result<bool>;
 
-    /// Packs dense bf16 weights on the CPU for the AVX512-BF16 kernel (the dense copy is freed);
+    /// Packs dense bf16 weights on the CPU for the `gemm` kernel (the dense copy is freed);
     /// a no-op for other dtypes and devices, quantized weights, or CPUs without the instructions.
     fn pack_for_cpu(&mut self) -> candle_core::Result<()>;
 
@@ -1033,7 +1033,7 @@ mod tests {
         let mut packed = Linear::new(bf16_randn(&[96, 64]), Some(bf16_randn(&[96])));
         packed.pack_for_cpu().unwrap();
         if !matches!(packed.weight, Weight::PackedBf16(..)) {
-            eprintln!("this CPU lacks AVX512-BF16: the packed layer is not used here");
+            eprintln!("this CPU runs no bf16 gemm kernel: the packed layer is not used here");
             return;
         }
         let bits = |t: &Tensor| -> Vec<u16> {
@@ -1097,7 +1097,7 @@ mod tests {
         fc1.pack_for_cpu().unwrap();
         fc2.pack_for_cpu().unwrap();
         if !matches!(fc1.weight, Weight::PackedBf16(..)) {
-            eprintln!("this CPU lacks AVX512-BF16: the packed layers are not used here");
+            eprintln!("this CPU runs no bf16 gemm kernel: the packed layers are not used here");
             return;
         }
         let bits = |t: &Tensor| -> Vec<u16> {
@@ -1149,7 +1149,7 @@ mod tests {
         let mut packed = dense.clone();
         packed.pack_for_cpu().unwrap();
         if !matches!(packed.weight, Weight::PackedBf16(..)) {
-            eprintln!("this CPU lacks AVX512-BF16: the packed layer is not used here");
+            eprintln!("this CPU runs no bf16 gemm kernel: the packed layer is not used here");
             return;
         }
         assert_eq!(packed.weight_bytes(), dense.weight_bytes());

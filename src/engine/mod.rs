@@ -872,8 +872,9 @@ impl<'a> TextStream<'a> {
     }
 }
 
-/// Whether this CPU multiplies bf16 natively (AVX512-BF16), where the engine's packed bf16
-/// kernels run; elsewhere bf16 goes through candle's widening path, slower than f32.
+/// Whether the engine's packed bf16 kernels run on this CPU (AVX512-BF16, or AVX2 + FMA, which
+/// widen bf16 to f32 in registers); elsewhere bf16 goes through candle's widening path, slower
+/// than f32.
 pub fn cpu_has_fast_bf16() -> bool {
     gemm::Kernel::detect().is_some_and(gemm::Kernel::has_bf16)
 }
