@@ -516,8 +516,8 @@ impl PackedWeight {
     /// The loops of one thread over panels `p0..p1` (f32).
     ///
     /// # Safety
-    /// The CPU has AVX-512F; C holds `m` rows at stride `ldc` covering these panels' columns,
-    /// which no other thread writes meanwhile.
+    /// The CPU runs this weight's kernel; C holds `m` rows at stride `ldc` covering these
+    /// panels' columns, which no other thread writes meanwhile.
     #[allow(clippy::too_many_arguments)]
     unsafe fn run_f32(
         &self,
@@ -537,57 +537,21 @@ impl PackedWeight {
         };
         // one row tile: no reuse to block for; stream each panel whole
         let kc_step = if m <= MR { k_used.max(1) } else { KC_F32 };
-        for k0 in (0..k_used).step_by(kc_step) {
-            let kc = kc_step.min(k_used - k0);
-            for g0 in (p0..p1).step_by(NC_PANELS) {
-                for m0 in (0..m).step_by(MC) {
-                    let mc = MC.min(m - m0);
-                    for p in g0..(g0 + NC_PANELS).min(p1) {
-                        let b = &panels[p * self.k * NR + k0 * NR..];
-                        let cols = NR.min(n_cols - p * NR);
-                        let start = || {
-                            if k0 == 0 {
-                                Start::Bias(bias.map(|b| &b[p * NR..p * NR + cols]))
-                            } else {
-                                Start::Accumulate
-                            }
-                        };
-                        let mut i = 0;
-                        while i < mc {
-                            let rows = MR.min(mc - i);
-                            let row = m0 + i;
-                            // SAFETY: rows `row..row+rows` of A exist at `k0..k0+kc`; the C tile
-                            // is inside this thread's columns (caller's contract).
-                            unsafe {
-                                tile_f32(
-                                    self.kernel,
-                                    a.as_ptr().add(row * lda + k0),
-                                    lda,
-                                    rows,
-                                    b.as_ptr(),
-                                    kc,
-                                    c.0.add(row * ldc + p * NR),
-                                    ldc,
-                                    cols,
-                                    start(),
-                                )
-                            };
-                            i += rows;
-                        }
-                    }
-                }
-            }
+        let block = |p: usize, k0: usize, _| panels[p * self.k * NR + k0 * NR..].as_ptr();
+        // SAFETY: the caller's contract; each block is a panel's rows of `k` from `k0`.
+        unsafe {
+            let sizes = (n_cols, k_used, kc_step);
+            self.run_f32_blocks((a, lda), m, bias, (c, ldc), sizes, (p0, p1), block)
         }
     }
 
     /// The loops of one thread over panels `p0..p1` for the AVX2 kernel's bf16 products, whose
     /// f32 tiles run faster than widening bf16 inside the tile (`avx2_tile_rates`: 90–98
-    /// against 43–54 GFLOP/s a core): A comes widened once per product (`wide`, row-major,
-    /// `k_padded` values a row), and each panel's block of `k` is widened into `block` once per
-    /// [`MC`] rows.
+    /// against 43–54 GFLOP/s a core): A comes widened (`wide`, row-major at stride `lda`), and
+    /// each panel's block of `k` is widened into a buffer once per [`MC`] rows.
     ///
     /// # Safety
-    /// As [`Self::run_f32`], for the AVX2 kernel.
+    /// As [`Self::run_f32`], for the AVX2 kernel; `k_used` is even.
     #[cfg(target_arch = "x86_64")]
     unsafe fn run_bf16_widened(
         &self,
@@ -602,35 +566,65 @@ impl PackedWeight {
             panic!("bf16 matmul on f32-packed weights");
         };
         let kp = self.k_padded;
-        let mut block = vec![0f32; KC_WIDE * NR];
-        for k0 in (0..k_used).step_by(KC_WIDE) {
-            let kc = KC_WIDE.min(k_used - k0);
+        let mut buffer = vec![0f32; KC_WIDE * NR];
+        let block = |p: usize, k0: usize, kc: usize| {
+            // SAFETY: the panel holds `kp` values of `k` (pairs) from `k0`, the buffer room
+            // for `kc` ≤ KC_WIDE rows of 32; AVX2 (the caller's contract).
+            unsafe {
+                let src = panels[p * kp * NR + k0 * NR..].as_ptr();
+                avx2::widen_panel(src, kc / 2, buffer.as_mut_ptr());
+            }
+            buffer.as_ptr()
+        };
+        // SAFETY: the caller's contract; each block is a panel's rows of `k` from `k0`.
+        unsafe {
+            let sizes = (n_cols, k_used, KC_WIDE);
+            self.run_f32_blocks((wide, lda), m, bias, (c, ldc), sizes, (p0, p1), block)
+        }
+    }
+
+    /// The f32 loops of one thread over panels `p0..p1`: `k` in blocks of `kc_step`, then
+    /// groups of [`NC_PANELS`] panels, then [`MC`] rows, then the panels of the group, then the
+    /// tiles of [`MR`] rows. `block(p, k0, kc)` gives panel `p`'s `kc` rows of `k` from `k0`
+    /// (`[k][32]` f32), once per panel and block of rows.
+    ///
+    /// # Safety
+    /// As [`Self::run_f32`]; each block holds `kc` rows of 32 values.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn run_f32_blocks(
+        &self,
+        (a, lda): (&[f32], usize),
+        m: usize,
+        bias: Option<&[f32]>,
+        (c, ldc): (&SharedOut, usize),
+        (n_cols, k_used, kc_step): (usize, usize, usize),
+        (p0, p1): (usize, usize),
+        mut block: impl FnMut(usize, usize, usize) -> *const f32,
+    ) {
+        for k0 in (0..k_used).step_by(kc_step) {
+            let kc = kc_step.min(k_used - k0);
             for g0 in (p0..p1).step_by(NC_PANELS) {
                 for m0 in (0..m).step_by(MC) {
                     let rows = m0..(m0 + MC).min(m);
                     for p in g0..(g0 + NC_PANELS).min(p1) {
+                        let b = block(p, k0, kc);
                         let cols = NR.min(n_cols - p * NR);
-                        // SAFETY: the panel holds `kp` values of `k` (pairs) from `k0`; the
-                        // block room for `kc` rows of 32.
-                        unsafe {
-                            let src = panels[p * kp * NR + k0 * NR..].as_ptr();
-                            avx2::widen_panel(src, kc / 2, block.as_mut_ptr());
-                        }
                         for row in rows.clone().step_by(MR) {
                             let start = if k0 == 0 {
                                 Start::Bias(bias.map(|b| &b[p * NR..p * NR + cols]))
                             } else {
                                 Start::Accumulate
                             };
-                            // SAFETY: `wide` holds `m` rows of `k_used` at stride `lda`; the C
-                            // tile is inside this thread's columns (caller's contract).
+                            // SAFETY: rows `row..` of A exist at `k0..k0+kc`; the block holds
+                            // `kc` rows of 32; the C tile is inside this thread's columns
+                            // (caller's contract).
                             unsafe {
                                 tile_f32(
                                     self.kernel,
-                                    wide.as_ptr().add(row * lda + k0),
+                                    a.as_ptr().add(row * lda + k0),
                                     lda,
                                     MR.min(rows.end - row),
-                                    block.as_ptr(),
+                                    b,
                                     kc,
                                     c.0.add(row * ldc + p * NR),
                                     ldc,
