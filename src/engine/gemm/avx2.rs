@@ -9,6 +9,11 @@
 //! and the odd one by masking the low half away. Each product then goes through FMA, exact in
 //! f32 before its sum is rounded, and the sums stay f32 over the whole `k`, as on the other
 //! tiles (bits differ from AVX512-BF16's pairwise dot product only in the order of roundings).
+//!
+//! Widening in the tile costs about half the f32 tile's rate, so the bf16 tiles serve only
+//! products of up to 12 rows: longer ones have A and each panel's block of `k` widened first and
+//! run [`tile_f32`] (`PackedWeight::run_bf16_widened`), and one row (a decoded token, where the
+//! weights' bandwidth is the limit) has its own kernel ([`one_row_bf16`]).
 
 use std::arch::x86_64::*;
 
