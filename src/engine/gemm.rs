@@ -414,39 +414,35 @@ impl PackedWeight {
         let wide_a = (m > MR && avx2).then(|| widen_rows(a, m, lda, self.k_padded, true));
         for_each_thread(panels.div_ceil(group), |g0, g1| {
             let (p0, p1) = (g0 * group, (g1 * group).min(panels));
-            #[cfg(target_arch = "x86_64")]
-            if let Some(wide) = &wide_a {
-                // SAFETY: C was checked to hold `m` rows; each thread writes only its panels'
-                // columns; the kernel is AVX2, which this CPU runs.
-                unsafe {
-                    let (a, sizes) = ((wide.as_slice(), self.k_padded), (self.n, self.k_padded));
-                    self.run_bf16_widened(a, m, bias, (&c, ldc), sizes, (p0, p1))
-                };
-                let cols = p0 * NR..(p1 * NR).min(self.n);
-                for row in 0..m {
-                    // SAFETY: these columns of C are this thread's and fully written above.
-                    let values = unsafe { c.slice(row * ldc + cols.start, cols.len()) };
-                    finish(row, cols.start, values);
-                }
-                return;
-            }
             let (k_used, packed_a) = (self.k_padded, packed_a.as_ref());
             let streamed = (Some(&finish as Done<'_>), group);
-            // SAFETY: C was checked to hold `m` rows; each thread writes only its panels' columns.
-            let finished = unsafe {
-                self.run_bf16(
-                    a,
-                    m,
-                    lda,
-                    bias,
-                    &c,
-                    ldc,
-                    self.n,
-                    k_used,
-                    (p0, p1),
-                    packed_a,
-                    streamed,
-                )
+            let finished = if let Some(wide) = &wide_a {
+                // SAFETY: C was checked to hold `m` rows; each thread writes only its panels'
+                // columns; the kernel is AVX2, which this CPU runs.
+                #[cfg(target_arch = "x86_64")]
+                unsafe {
+                    let (a, sizes) = ((wide.as_slice(), k_used), (self.n, k_used));
+                    self.run_bf16_widened(a, m, bias, (&c, ldc), sizes, (p0, p1))
+                };
+                false
+            } else {
+                // SAFETY: C was checked to hold `m` rows; each thread writes only its panels'
+                // columns.
+                unsafe {
+                    self.run_bf16(
+                        a,
+                        m,
+                        lda,
+                        bias,
+                        &c,
+                        ldc,
+                        self.n,
+                        k_used,
+                        (p0, p1),
+                        packed_a,
+                        streamed,
+                    )
+                }
             };
             if finished {
                 return;
